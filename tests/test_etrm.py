@@ -182,4 +182,4 @@ def test_frozen_decoder_is_verified_at_every_checkpoint_and_by_the_cli(tmp_path)
     assert p.returncode == 1 and "differs: decoder." in p.stdout
 
 
-GOLDEN_ETRM_LOSSES = [2.4804372787475586, 2.7130444049835205]
+GOLDEN_ETRM_LOSSES = [2.479675769805908, 2.711721181869507]  # leave-one-out demos

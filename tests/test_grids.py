@@ -132,6 +132,9 @@ def test_grid_dataset_queries_invert_to_gold_and_train_ids_match_record_ids():
     b = ds.batch(es.idx[:3], with_demos=True)
     assert b["demo_inputs"].shape == (3, 2, 64) and b["demo_outputs"].min() >= 0 and b["demo_mask"].all()
     assert not (set(ds.train_ids) & {f"{t}/{i}" for t, i in zip(es.task, es.out_index)})
+    demo_row = ds.demo_idx[ds.pid[ds.train_idx[0]], 0]  # a training row that is demo 0 of its own puzzle
+    tb = ds.batch([demo_row], with_demos=True)
+    assert tb["demo_mask"][0].tolist() == [False, True]  # leave-one-out: it never sees its own answer
 
 
 # ------------------------------------------------------------------------------------------------------------ sudoku

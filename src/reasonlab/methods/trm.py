@@ -133,9 +133,20 @@ class Config(BaseConfig):
 
 def build_data(cfg: Config, dry_run: bool = False):
     """(task, PuzzleDataset) for the configured task; a leaking held-out split raises here, before training."""
-    from reasonlab.tasks import get_task
+    from reasonlab.tasks import TaskError, get_task
 
-    task = get_task(cfg.data.task, **cfg.data.task_args)
+    try:
+        task = get_task(cfg.data.task, **cfg.data.task_args)
+        return _build_data(cfg, task, dry_run)
+    except TaskError as e:  # bad task args, a leaking split: one line, no traceback
+        raise RunError(f"data ({cfg.data.task}): {e}") from None
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise RunError(f"data.task_args for {cfg.data.task}: {e}") from None
+
+
+def _build_data(cfg: Config, task, dry_run: bool):
     splits = tuple(dict.fromkeys((cfg.data.val_split, cfg.data.test_split)))
     if cfg.data.task == "sudoku":
         from reasonlab.tasks.arc_agi import LeakageError
@@ -157,9 +168,14 @@ def build_data(cfg: Config, dry_run: bool = False):
     if cfg.eval.train_limit:
         evals["train"] = task.grid_tasks("train")[: cfg.eval.train_limit]
     n_aug = min(cfg.data.n_aug, 2) if dry_run else cfg.data.n_aug  # a dry run checks the path, not the scale
-    ds = build_grid_dataset(task.grid_tasks("train"), demo_only, evals, n_aug=n_aug, seed=cfg.seed,
-                            translate=cfg.data.translate, max_demos=cfg.data.max_demos, canvas=cfg.data.canvas,
-                            dihedral=cfg.data.dihedral)
+    try:
+        ds = build_grid_dataset(task.grid_tasks("train"), demo_only, evals, n_aug=n_aug, seed=cfg.seed,
+                                translate=cfg.data.translate, max_demos=cfg.data.max_demos, canvas=cfg.data.canvas,
+                                dihedral=cfg.data.dihedral)
+    except ValueError as e:
+        if "does not fit" not in str(e):
+            raise
+        raise RunError(f"{e}: raise data.canvas (ARC: 30; a grid needs its side + 1 for the EOS border)") from None
     ds.info.update(leakage=leak, split_mode=getattr(task, "split_mode", "heldout"),
                    transductive_tasks=len(demo_only))
     ds.task_meta = {t.id: t.meta for ts in evals.values() for t in ts}

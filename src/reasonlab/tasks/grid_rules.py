@@ -375,11 +375,20 @@ class GridRulesTask(Task):
     splits = ("train", "val", "heldout")
 
     def __init__(self, **kwargs):
+        from reasonlab.tasks.base import TaskError
+
+        known = set(GridRulesConfig.__dataclass_fields__)
+        bad = sorted(set(kwargs) - known)
+        if bad:
+            raise TaskError(f"grid-rules has no argument {bad[0]!r}; valid: {', '.join(sorted(known))}")
         self.cfg = GridRulesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
         c = self.cfg
-        self.rules = all_rules(c.moves, c.geos, c.colours)
-        self.train_rules, self.heldout_rules = split_rules(self.rules, c.heldout_rules, c.seed,
-                                                           c.heldout_min_steps, c.pair_coverage)
+        try:
+            self.rules = all_rules(c.moves, c.geos, c.colours)
+            self.train_rules, self.heldout_rules = split_rules(self.rules, c.heldout_rules, c.seed,
+                                                               c.heldout_min_steps, c.pair_coverage)
+        except ValueError as e:
+            raise TaskError(str(e)) from None
         self._cache: dict[str, list[Puzzle]] = {}
 
     def puzzles(self, split: str) -> list[Puzzle]:

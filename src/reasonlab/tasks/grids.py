@@ -255,7 +255,8 @@ class PuzzleDataset:
 
     inputs/labels are uint8 (tokens < 255; label 255 = IGNORE) to keep paper-scale augmentation in memory;
     `batch()` returns int64 tensors with IGNORE_LABEL_ID. `demo_idx[pid]` lists the pool rows of the demonstration
-    pairs of puzzle id `pid` (-1 padded) for encoder conditioning (ETRM). `train_ids` are the example ids of
+    pairs of puzzle id `pid` (-1 padded) for encoder conditioning (ETRM); a row that is one of those demos has it
+    masked out of its own batch entry (leave-one-out), or the encoder could copy the answer. `train_ids` are the example ids of
     everything trained on ("<task>/demo<j>", "<task>/<test index>"), in the id space of the eval records
     ("<task>/<test index>"), for the run folder's leakage detector."""
     inputs: np.ndarray                   # (M, L) uint8
@@ -286,7 +287,8 @@ class PuzzleDataset:
             dl = self.labels[safe].astype(np.int64)                                                # (B, K, L)
             out["demo_inputs"] = torch.from_numpy(self.inputs[safe].astype(np.int64))             # (B, K, L)
             out["demo_outputs"] = torch.from_numpy(np.where(dl == 255, PAD, dl))                   # (B, K, L) tokens
-            out["demo_mask"] = torch.from_numpy(d >= 0)                                            # (B, K)
+            # leave-one-out: a training row that is itself a demo of its puzzle never sees its own answer
+            out["demo_mask"] = torch.from_numpy((d >= 0) & (d != rows[:, None]))                  # (B, K)
         return out
 
     def decode(self, tokens: np.ndarray, aug: Augmentation | None) -> np.ndarray | None:

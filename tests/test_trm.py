@@ -133,6 +133,12 @@ def test_stablemax_normalizes_and_matches_its_definition():
     assert nll[0, 1] == 0 and nll[0, 0] == pytest.approx(-float(torch.log(s / s.sum())[0]))
 
 
+def test_stablemax_gradient_is_finite_at_a_logit_of_exactly_one():
+    x = torch.tensor([[1.0, -0.5, 0.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    log_stablemax(x)[0, 1].backward()  # the 1/(1-x) branch is not taken at x = 1: its gradient must not leak
+    assert torch.isfinite(x.grad).all()
+
+
 def test_act_loss_is_the_sum_of_its_weighted_terms():
     cfg = tiny(q_loss_weight=0.5)
     m = TRM(cfg)

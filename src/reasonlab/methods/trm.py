@@ -273,6 +273,8 @@ def evaluate(model, ds, split: str, cfg: Config, conditioning, limit: int = 0) -
     summary = {"split": split, "n_tasks": pk["n_tasks"], "n_queries": len(keep), "metrics": metrics,
                "ranking": "votes, then mean Q-halt logit", "denominator": "tasks evaluated",
                "split_mode": ds.info.get("split_mode"), "halt_max_steps": cfg.model.halt_max_steps}
+    if ds.kind == "grid" and "pass@2" in metrics:
+        summary["arc_score"] = "pass@2 (2 attempts per test output, a task's score averaged over its outputs)"
     if ds.info.get("split_mode") == "transductive":
         summary["note"] = "transductive: the evaluation tasks' demonstration pairs were in training (TRM protocol)"
     rules = sorted({r["rule"] for r in records if "rule" in r})

@@ -267,20 +267,21 @@ def build_dataset(task: SudokuTask, splits: tuple[str, ...] = ("val", "test"), t
     pools = {s: to_arrays(task.puzzles(s)) for s in ("train",) + splits}
     inputs = np.concatenate([p[0] for p in pools.values()]).astype(np.uint8)
     labels = np.concatenate([p[1] for p in pools.values()]).astype(np.uint8)
+    train_ids = [puzzle_id(p.puzzle, task.size) for p in task.puzzles("train")]
     evals, start = {}, len(pools["train"][0])
     if train_eval:  # the first N training puzzles, scored like a held-out split (train vs held-out accuracy)
         n = min(train_eval, start)
-        ids = [e.id for e in task.examples("train")[:n]]
+        ids = train_ids[:n]
         evals["train"] = EvalSplit(idx=np.arange(n), task=ids, out_index=[0] * n, aug=[None] * n,
                                    gold={ids[i]: [pools["train"][1][i]] for i in range(n)})
     for s in splits:
         n = len(pools[s][0])
-        ids = [e.id for e in task.examples(s)]
+        ids = [puzzle_id(p.puzzle, task.size) for p in task.puzzles(s)]
         evals[s] = EvalSplit(idx=np.arange(start, start + n), task=ids, out_index=[0] * n, aug=[None] * n,
                              gold={ids[i]: [pools[s][1][i]] for i in range(n)})
         start += n
     return PuzzleDataset(inputs=inputs, labels=labels, pid=np.zeros(len(inputs), dtype=np.int64),
                          train_idx=np.arange(len(pools["train"][0])), demo_idx=np.zeros((1, 0), dtype=np.int64),
                          evals=evals, num_puzzle_ids=1, seq_len=task.size * task.size, vocab_size=task.size + 2,
-                         kind="flat", train_ids=[f"{e.id}/0" for e in task.examples("train")],  # = eval record ids
+                         kind="flat", train_ids=[f"{i}/0" for i in train_ids],  # = eval record ids
                          info={"size": task.size, "holes": task.holes, "leakage": task.leakage()})

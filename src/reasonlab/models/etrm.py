@@ -1,45 +1,48 @@
 """ETRM: a demonstration encoder that writes TRM's conditioning prefix, so unseen puzzles need no trained puzzle id.
 
-    enc = DemoEncoder(EncoderConfig(variant="pair"), trm_cfg)      # or variant="cross"
-    model = ETRM(TRM(trm_cfg), enc, freeze_decoder=True)
-    carry, out = model(carry, batch)     # batch: inputs/labels (B, L) + demo_inputs/demo_outputs (B, K, L) + demo_mask (B, K)
+    enc = build_encoder(trm_cfg, variant="pair", hidden_size=128)     # or variant="cross"
+    carry, out = trm(carry, batch, conditioning=enc.conditioning)
+    # batch: inputs/labels (B, L) + demo_inputs/demo_outputs (B, K, L) tokens + demo_mask (B, K) bool
 
-The encoder reads the K demonstration (input, output) grids of the puzzle the sample belongs to and returns
+The encoder reads the K demonstration (input, output) grids of the puzzle each sample belongs to and returns
 (B, puzzle_emb_len, hidden) conditioning tokens that replace the puzzle-id prefix through TRM's `conditioning` seam.
-It is called inside every ACT step on the samples currently in the carry (halted samples are swapped for new ones, so
-the prefix must be recomputed; gradients reach the encoder from every step's loss).
+TRM calls it inside EVERY ACT step on the samples currently in the carry (halted samples are swapped for new ones, so
+the prefix must be recomputed; gradients reach the encoder from every step's loss). The decoder (the TRM) is either
+trained jointly at its own learning rate, or loaded from a TRM checkpoint (`load_decoder_weights`) and frozen; the
+recipe then verifies its per-parameter sha256 at every checkpoint.
 
-Why the seed's ETRM (0% on held-out ARC-1) collapsed, and what this file does about each cause:
-- Scale: the decoder multiplies its whole input, prefix included, by sqrt(hidden). A trained puzzle embedding is one
-  token of norm ~1 before that scale; a dense 16-token prefix at an arbitrary norm is out of distribution for a frozen
-  decoder. Here every conditioning token is RMS-normalized to norm `output_norm` (default 1 = a token embedding's norm)
-  before the decoder's sqrt(hidden) scale, so `encoder/output_norm` reads sqrt(hidden) * output_norm by construction.
-- Alignment: a grid pair is given to the encoder cell by cell ("stack": input colour + output colour + 2-D position in
-  one token), so "what changed where" is visible to the first attention layer instead of being rediscovered across two
-  900-token sequences.
-- Collapse is measured, not assumed: `encoder_stats` gives token std, cross-sample variance (fraction of the output's
-  energy that varies across samples), mean pairwise cosine and output norm; `is_collapsed` flags a constant encoder.
+Why the seed's ETRM (0% on held-out ARC-1 with 41-79% train accuracy) failed, and what this file does about it:
+- The seed blamed "encoder collapse", but its own numbers (token std 0.37, cross-sample variance 0.15) say the encoder
+  was NOT constant: the failure was a generalization gap (fits training puzzles, nothing on unseen ones). Measure it
+  as such: train exact accuracy next to held-out accuracy, and encoder/* statistics from reasonlab.diagnostics.watch.
+- Scale: the decoder multiplies its whole input, prefix included, by sqrt(hidden). Every conditioning token here is
+  RMS-normalized to norm `output_norm` BEFORE that scale (1 = a token embedding's norm; the recipe can set it to the
+  mean norm of a trained puzzle embedding when the decoder comes from a TRM checkpoint).
+- Layout: a frozen puzzle-id decoder has only ever seen prefix token 0 non-zero. `n_tokens` = 1 writes only that token
+  (the rest stay zero, as the paper's padding); 0 = all puzzle_emb_len tokens (for a decoder trained with the encoder).
+- Alignment: with pair_layout "stack" one encoder token holds a cell's input colour, output colour and 2-D position,
+  so "what changed where" is visible to the first attention layer.
 
 Variants:
-- "pair":  a transformer over each pair's cells (pairs encoded independently, shared weights), `puzzle_emb_len`
-           learned queries attention-pool each pair, then the pairs are averaged (masked) and mixed by a small
-           transformer over the pooled tokens. Order-invariant in the demos.
-- "cross": every pair's cells are embedded (+ a pair-index embedding), `puzzle_emb_len` learned queries cross-attend to
-           ALL demo cells at once (Perceiver-style latent blocks: cross-attention, then self-attention among queries).
+- "pair":  a transformer over each pair's cells (pairs encoded independently, shared weights), `n_tokens` learned
+           queries attention-pool each pair, then the pairs are averaged (masked) and mixed by a small transformer
+           over the pooled tokens. Invariant to the order of the demos.
+- "cross": every pair's cells are embedded and encoded (+ a pair-index embedding); `n_tokens` learned queries
+           cross-attend to ALL demo cells at once (Perceiver-style latent blocks: cross-attention, then
+           self-attention among the queries).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reasonlab.models.trm import TRM, Carry, Linear, SwiGLU, TRMConfig, rms_norm, trunc_normal_
+from reasonlab.models.trm import TRM, Linear, SwiGLU, TRMConfig, rms_norm, trunc_normal_
 
 VARIANTS = ("pair", "cross")
 
@@ -50,23 +53,29 @@ class EncoderConfig:
                                                            "(learned queries cross-attend to all demo cells)"})
     hidden_size: int = field(default=128, metadata={"help": "encoder width (projected to the decoder's hidden)"})
     num_heads: int = field(default=4, metadata={"help": "encoder attention heads"})
-    num_layers: int = field(default=2, metadata={"help": "pair: layers over each pair's cells; cross: cell layers"})
+    num_layers: int = field(default=2, metadata={"help": "transformer layers over each pair's cells"})
     pool_layers: int = field(default=1, metadata={"help": "pair: layers over pooled tokens; cross: latent blocks"})
     expansion: float = field(default=2.0, metadata={"help": "SwiGLU expansion in encoder blocks"})
     pair_layout: str = field(default="stack", metadata={"help": "stack: one token per cell holds input+output colour; "
                                                                 "concat: input cells then output cells (2x tokens)"})
-    grid_size: int = field(default=30, metadata={"help": "canvas side; cells are laid out row-major (L = size^2)"})
+    n_tokens: int = field(default=0, metadata={"help": "prefix tokens the encoder writes (0 = all puzzle_emb_len; "
+                                                       "1 = only token 0, the rest zero, as a puzzle-id prefix)"})
+    grid_size: int = field(default=0, metadata={"help": "canvas side (0 = sqrt(model.seq_len)); cells row-major"})
     max_demos: int = field(default=10, metadata={"help": "most demonstration pairs per puzzle (cross: pair index)"})
     output_norm: float = field(default=1.0, metadata={"help": "norm of each conditioning token BEFORE the decoder's "
-                                                            "sqrt(hidden) scale (1 = a token embedding's norm)"})
+                                                            "sqrt(hidden) scale (1 = a token embedding's norm; 0 = the "
+                                                            "mean norm of the init_from checkpoint's puzzle embedding)"})
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
-            raise ValueError(f"encoder.variant must be one of {VARIANTS}, got {self.variant!r}")
+            raise ValueError(f"model.encoder.variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.pair_layout not in ("stack", "concat"):
-            raise ValueError(f"encoder.pair_layout must be stack | concat, got {self.pair_layout!r}")
+            raise ValueError(f"model.encoder.pair_layout must be stack | concat, got {self.pair_layout!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"encoder.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+            raise ValueError(f"model.encoder.hidden_size {self.hidden_size} must be divisible by num_heads "
+                             f"{self.num_heads}")
+        if self.output_norm < 0:
+            raise ValueError("model.encoder.output_norm must be >= 0 (0 = match the decoder checkpoint)")
 
 
 class MHA(nn.Module):
@@ -75,7 +84,9 @@ class MHA(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.hd = heads, dim // heads
-        self.q, self.kv, self.o = Linear(dim, dim, bias=False), Linear(dim, 2 * dim, bias=False), Linear(dim, dim, bias=False)
+        self.q = Linear(dim, dim, bias=False)
+        self.kv = Linear(dim, 2 * dim, bias=False)
+        self.o = Linear(dim, dim, bias=False)
 
     def forward(self, x, kv=None, key_mask=None):
         kv = x if kv is None else kv
@@ -106,10 +117,15 @@ class DemoEncoder(nn.Module):
         super().__init__()
         if dec.puzzle_emb_len < 1:
             raise ValueError("ETRM needs model.puzzle_emb_len >= 1: the encoder writes the conditioning prefix")
-        if cfg.grid_size ** 2 != dec.seq_len:
-            raise ValueError(f"encoder.grid_size^2 = {cfg.grid_size ** 2} must equal model.seq_len = {dec.seq_len}")
+        S = cfg.grid_size or math.isqrt(dec.seq_len)
+        if S * S != dec.seq_len:
+            raise ValueError(f"encoder canvas {S}x{S} does not match model.seq_len = {dec.seq_len}: set "
+                             "model.encoder.grid_size to the canvas side")
+        if cfg.n_tokens > dec.puzzle_emb_len:
+            raise ValueError(f"model.encoder.n_tokens {cfg.n_tokens} > model.puzzle_emb_len {dec.puzzle_emb_len}")
         self.cfg, self.P, self.D_dec = cfg, dec.puzzle_emb_len, dec.hidden_size
-        E, V, S = cfg.hidden_size, dec.vocab_size, cfg.grid_size
+        self.T = cfg.n_tokens or dec.puzzle_emb_len  # tokens written; the rest of the prefix stays zero
+        E, V = cfg.hidden_size, dec.vocab_size
         self.emb_in = nn.Embedding(V, E)
         self.emb_out = nn.Embedding(V, E)
         self.emb_row = nn.Embedding(S, E)
@@ -118,7 +134,7 @@ class DemoEncoder(nn.Module):
         for emb in (self.emb_in, self.emb_out, self.emb_row, self.emb_col, self.emb_side):
             trunc_normal_(emb.weight.data, 1.0)
         self.cell_blocks = nn.ModuleList(EncBlock(E, cfg.num_heads, cfg.expansion) for _ in range(cfg.num_layers))
-        self.queries = nn.Parameter(trunc_normal_(torch.empty(self.P, E), 1.0))
+        self.queries = nn.Parameter(trunc_normal_(torch.empty(self.T, E), 1.0))
         if cfg.variant == "pair":
             self.pool = MHA(E, cfg.num_heads)
             self.set_blocks = nn.ModuleList(EncBlock(E, cfg.num_heads, cfg.expansion) for _ in range(cfg.pool_layers))
@@ -128,12 +144,11 @@ class DemoEncoder(nn.Module):
             self.cross_blocks = nn.ModuleList(EncBlock(E, cfg.num_heads, cfg.expansion) for _ in range(cfg.pool_layers))
             self.self_blocks = nn.ModuleList(EncBlock(E, cfg.num_heads, cfg.expansion) for _ in range(cfg.pool_layers))
         self.out = Linear(E, dec.hidden_size, bias=False)
-        rows = torch.arange(S).repeat_interleave(S)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", torch.arange(S).repeat(S), persistent=False)
+        self.register_buffer("rows", torch.arange(S).repeat_interleave(S), persistent=False)  # (L,) row of cell
+        self.register_buffer("cols", torch.arange(S).repeat(S), persistent=False)              # (L,) column of cell
 
     def cells(self, demo_in: torch.Tensor, demo_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed the pairs' cells: (N, L) x2 -> tokens (N, L or 2L, E) and a key mask (N, L or 2L), False = PAD."""
+        """Embed and encode the pairs' cells: (N, L) x2 -> tokens (N, L or 2L, E), key mask (N, L or 2L), False = PAD."""
         pos = self.emb_row(self.rows) + self.emb_col(self.cols)  # (L, E)
         if self.cfg.pair_layout == "stack":
             h = self.emb_in(demo_in) + self.emb_out(demo_out) + pos  # (N, L, E)
@@ -151,126 +166,72 @@ class DemoEncoder(nn.Module):
     def forward(self, demo_in: torch.Tensor, demo_out: torch.Tensor, demo_mask: torch.Tensor) -> torch.Tensor:
         """demo_in/demo_out (B, K, L) tokens, demo_mask (B, K) bool (True = a real pair) -> (B, P, D_dec)."""
         B, K, L = demo_in.shape
-        h, mask = self.cells(demo_in.reshape(B * K, L), demo_out.reshape(B * K, L))  # (B*K, T, E), (B*K, T)
+        h, mask = self.cells(demo_in.reshape(B * K, L), demo_out.reshape(B * K, L))  # (B*K, T', E), (B*K, T')
         E = h.shape[-1]
         if self.cfg.variant == "pair":
-            q = self.queries.expand(B * K, -1, -1)  # (B*K, P, E)
-            pooled = rms_norm(q + self.pool(q, h, mask), 1e-5).view(B, K, self.P, E)
+            q = self.queries.expand(B * K, -1, -1)  # (B*K, T, E)
+            pooled = rms_norm(q + self.pool(q, h, mask), 1e-5).view(B, K, self.T, E)  # (B, K, T, E)
             w = demo_mask.to(pooled.dtype).view(B, K, 1, 1)
-            t = (pooled * w).sum(1) / w.sum(1).clamp_min(1)  # (B, P, E): masked mean over pairs
+            t = (pooled * w).sum(1) / w.sum(1).clamp_min(1)  # (B, T, E): masked mean over pairs
             t = rms_norm(t, 1e-5)
             for blk in self.set_blocks:
                 t = blk(t)
         else:
-            T = h.shape[1]
-            h = h.view(B, K, T, E) + self.emb_pair.weight[:K].view(1, K, 1, E)  # (B, K, T, E)
-            h = h.reshape(B, K * T, E)  # (B, K*T, E): all demo cells of the puzzle
-            m = (mask.view(B, K, T) & demo_mask.view(B, K, 1)).reshape(B, K * T)
-            t = self.queries.expand(B, -1, -1)  # (B, P, E)
+            Tc = h.shape[1]
+            h = h.view(B, K, Tc, E) + self.emb_pair.weight[:K].view(1, K, 1, E)  # (B, K, T', E)
+            h = h.reshape(B, K * Tc, E)  # (B, K*T', E): all demo cells of the puzzle
+            m = (mask.view(B, K, Tc) & demo_mask.view(B, K, 1)).reshape(B, K * Tc)  # (B, K*T')
+            t = self.queries.expand(B, -1, -1)  # (B, T, E)
             for cross, selfb in zip(self.cross_blocks, self.self_blocks):
                 t = cross(t, h, m)
                 t = selfb(t)
-        c = self.out(t)  # (B, P, D_dec)
-        # unit-RMS per channel then / sqrt(D): each token has norm output_norm, like a token embedding (norm ~1)
-        return rms_norm(c, 1e-5) * (self.cfg.output_norm / math.sqrt(self.D_dec))
+        c = self.out(t)  # (B, T, D_dec)
+        # unit RMS per token, then / sqrt(D): each token has norm output_norm (a token embedding has norm ~1)
+        c = rms_norm(c, 1e-5) * ((self.cfg.output_norm or 1.0) / math.sqrt(self.D_dec))
+        return F.pad(c, (0, 0, 0, self.P - self.T))  # (B, P, D_dec): unwritten prefix tokens are zero
 
     def conditioning(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
         """TRM's seam: data (the carry's current samples) -> (B, P, D) prefix."""
         return self(data["demo_inputs"], data["demo_outputs"], data["demo_mask"])
 
 
-# ------------------------------------------------------------------------------------------------ stats + collapse
+def encoder_config(**kwargs) -> EncoderConfig:
+    """EncoderConfig from the recipe's `model.encoder` mapping; an unknown key is a one-line ValueError."""
+    known = {f.name for f in fields(EncoderConfig)}
+    bad = sorted(set(kwargs) - known)
+    if bad:
+        import difflib
 
-@torch.no_grad()
-def encoder_stats(cond: torch.Tensor, decoder_scale: float) -> dict[str, float]:
-    """Health of a batch of conditioning prefixes cond (B, P, D), as the decoder will see them (x decoder_scale).
-
-    token_std         std over the P tokens of one sample, averaged (0 = all prefix tokens identical)
-    cross_sample_var  fraction of the prefix's energy that varies across samples: sum Var_b / sum E_b[c^2] (0 = the
-                      encoder ignores its input, i.e. collapse; ~1 = samples as different as random vectors)
-    pairwise_cos      mean cosine between different samples' flattened prefixes (1 = collapse)
-    output_norm       mean per-token L2 norm after the decoder's scale (target sqrt(hidden) * output_norm)
-    """
-    c = cond.float() * decoder_scale
-    B = c.shape[0]
-    flat = c.reshape(B, -1)  # (B, P*D)
-    stats = {"token_std": float(c.std(1, unbiased=False).mean()) if c.shape[1] > 1 else 0.0,
-             "output_norm": float(c.norm(dim=-1).mean())}
-    if B > 1:
-        stats["cross_sample_var"] = float(flat.var(0, unbiased=False).sum() / flat.square().mean(0).sum().clamp_min(1e-12))
-        u = F.normalize(flat, dim=-1)
-        cos = u @ u.T  # (B, B)
-        stats["pairwise_cos"] = float((cos.sum() - cos.diagonal().sum()) / (B * (B - 1)))
-    return stats
+        close = difflib.get_close_matches(bad[0], sorted(known), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(known))})"
+        raise ValueError(f"unknown key 'model.encoder.{bad[0]}'{hint}")
+    return EncoderConfig(**kwargs)
 
 
-def is_collapsed(stats: dict[str, float], min_var: float = 1e-3, max_cos: float = 0.999) -> str | None:
-    """A one-line reason when the stats say the encoder's output no longer depends on the puzzle, else None."""
-    if "cross_sample_var" in stats and stats["cross_sample_var"] < min_var:
-        return f"encoder collapse: cross-sample variance {stats['cross_sample_var']:.2e} < {min_var:g}"
-    if "pairwise_cos" in stats and stats["pairwise_cos"] > max_cos:
-        return f"encoder collapse: mean pairwise cosine {stats['pairwise_cos']:.4f} > {max_cos:g}"
-    return None
+def build_encoder(dec: TRMConfig, **kwargs) -> DemoEncoder:
+    """A DemoEncoder for decoder config `dec` from the recipe's `model.encoder` mapping."""
+    return DemoEncoder(encoder_config(**kwargs), dec)
 
 
-# ------------------------------------------------------------------------------------------------------- the model
-
-def module_checksum(module: nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes): bit-identical weights <=> equal checksums."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-class ETRM(nn.Module):
-    """A TRM decoder conditioned by a DemoEncoder. `freeze_decoder` stops every decoder parameter's gradient."""
-
-    def __init__(self, decoder: TRM, encoder: DemoEncoder, freeze_decoder: bool = False):
-        super().__init__()
-        self.decoder, self.encoder = decoder, encoder
-        self.frozen = freeze_decoder
-        if freeze_decoder:
-            self.decoder.requires_grad_(False)
-        self.last_cond: torch.Tensor | None = None  # the most recent prefix, for encoder_stats
-
-    def _cond(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
-        c = self.encoder.conditioning(data)
-        self.last_cond = c.detach()
-        return c
-
-    def initial_carry(self, batch: dict[str, torch.Tensor]) -> Carry:
-        return self.decoder.initial_carry(batch)
-
-    def forward(self, carry: Carry, batch: dict[str, torch.Tensor]) -> tuple[Carry, dict]:
-        return self.decoder(carry, batch, conditioning=self._cond)
-
-    def param_groups(self, lr_encoder: float, lr_decoder: float, weight_decay: float) -> list[dict]:
-        """AdamW groups: the encoder at its lr, the decoder (minus the unused puzzle-id table) at its own, unless frozen."""
-        groups = [{"params": list(self.encoder.parameters()), "lr": lr_encoder, "weight_decay": weight_decay,
-                   "name": "encoder"}]
-        if not self.frozen and lr_decoder > 0:
-            dec = [p for n, p in self.decoder.named_parameters() if p.requires_grad and not n.startswith("puzzle_emb")]
-            groups.append({"params": dec, "lr": lr_decoder, "weight_decay": weight_decay, "name": "decoder"})
-        return groups
-
+# ------------------------------------------------------------------------------------------ decoder from a checkpoint
 
 def load_decoder_weights(decoder: TRM, path: str | Path) -> dict[str, int]:
-    """Load a TRM checkpoint (a .safetensors/.pt file, or a checkpoint folder holding one) into `decoder`.
-    Keys may carry a 'model.' / 'decoder.' prefix. The puzzle-id table is skipped (ETRM does not use it).
-    Returns {"loaded": n, "skipped": n}; a missing or shape-mismatched decoder weight is a one-line error."""
+    """Load a TRM's weights into `decoder` from a reasonlab checkpoint folder (module.model.safetensors or
+    module.decoder.safetensors) or a .safetensors/.pt file. Keys may carry a 'model.' / 'decoder.' / '_orig_mod.'
+    prefix. The puzzle-id table is skipped (the encoder replaces it). Returns {"loaded": n, "skipped": n,
+    "puzzle_emb_norm": mean norm of the checkpoint's non-zero puzzle-embedding rows (0.0 if none)}.
+    A missing or shape-mismatched weight is a one-line error."""
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.pt"))
-        cand = [f for f in files if f.stem in ("model", "decoder")] or files
+        cand = [f for f in files if f.stem in ("module.model", "module.decoder", "model", "decoder")] or \
+            [f for f in files if f.stem.startswith("module.")] or files
         if not cand:
-            raise FileNotFoundError(f"no .safetensors or .pt weights in {p}: point model.decoder_checkpoint at a "
-                                    "TRM checkpoint folder or file")
+            raise FileNotFoundError(f"no .safetensors or .pt weights in {p}: point model.init_from at a TRM "
+                                    "checkpoint folder (runs/<id>/checkpoints/best) or file")
         p = cand[0]
     if not p.exists():
-        raise FileNotFoundError(f"decoder checkpoint {p} does not exist: train a TRM first or fix decoder_checkpoint")
+        raise FileNotFoundError(f"decoder checkpoint {p} does not exist: train a TRM first or fix model.init_from")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
         sd = load_file(str(p))
@@ -283,13 +244,18 @@ def load_decoder_weights(decoder: TRM, path: str | Path) -> dict[str, int]:
             if k.startswith(prefix):
                 k = k[len(prefix):]
         clean[k] = v
-    missing = [k for k in own if not k.startswith("puzzle_emb") and k not in clean]
+    wanted = [k for k in own if not k.startswith("puzzle_emb")]
+    missing = [k for k in wanted if k not in clean]
     if missing:
         raise ValueError(f"decoder checkpoint {p} lacks {len(missing)} TRM weights (e.g. {missing[:3]}): "
                          "is it a TRM checkpoint with the same model config?")
-    bad = [k for k in own if k in clean and not k.startswith("puzzle_emb") and clean[k].shape != own[k].shape]
+    bad = [k for k in wanted if clean[k].shape != own[k].shape]
     if bad:
-        raise ValueError(f"decoder checkpoint {p} has other shapes for {bad[:3]}: model config differs from the TRM's")
-    load = {k: clean[k] for k in own if not k.startswith("puzzle_emb")}
-    decoder.load_state_dict(load, strict=False)
-    return {"loaded": len(load), "skipped": len(clean) - len(load)}
+        raise ValueError(f"decoder checkpoint {p} has other shapes for {bad[:3]}: its model config differs")
+    decoder.load_state_dict({k: clean[k] for k in wanted}, strict=False)
+    emb = clean.get("puzzle_emb.weight")
+    norm = 0.0
+    if emb is not None:
+        n = emb.float().norm(dim=-1)
+        norm = float(n[n > 0].mean()) if (n > 0).any() else 0.0
+    return {"loaded": len(wanted), "skipped": len(clean) - len(wanted), "puzzle_emb_norm": norm}

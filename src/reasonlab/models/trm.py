@@ -9,7 +9,7 @@ Public API (the ETRM encoder builds on exactly this):
     carry, out = model(carry, batch)                  # ONE ACT supervision step; out: logits (B, L, V),
                                                       # q_halt_logits (B,), + carry.steps / carry.halted
     loss, metrics = act_loss(out, carry, cfg)         # stablemax|softmax CE + q_loss_weight * BCE(q_halt, exact)
-    terms = act_loss_terms(out, carry, cfg)           # {"lm": ..., "q_halt": ...} weighted terms (gradient audit)
+    terms = act_loss_terms(out, carry, cfg)           # {"lm": (1, ce), "q_halt": (0.5, bce)} for the gradient audit
     carry, out = model(carry, batch, conditioning=fn)  # fn(current_data) -> (B, puzzle_emb_len, hidden) replaces
                                                       # the puzzle-id embedding (ETRM encoder seam); it is called
                                                       # on every ACT step, after halted samples are swapped in
@@ -57,7 +57,8 @@ class TRMConfig:
     pos_encodings: str = field(default="rope", metadata={"help": "rope | learned | none"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     rms_norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon (post-norm, no weights)"})
-    num_puzzle_ids: int = field(default=1, metadata={"help": "rows of the puzzle-id embedding (task x augmentation)"})
+    num_puzzle_ids: int = field(default=1, metadata={"help": "rows of the puzzle-id embedding (task x augmentation); "
+                                                             "0 = no table (the prefix comes from an encoder)"})
     puzzle_emb_len: int = field(default=16, metadata={"help": "conditioning prefix tokens; only token 0 holds the id"})
     halt_max_steps: int = field(default=16, metadata={"help": "ACT supervision steps at most (evaluation uses all)"})
     halt_exploration_prob: float = field(default=0.1, metadata={"help": "prob. a sample gets a random min step count"})
@@ -74,6 +75,8 @@ class TRMConfig:
             raise ValueError(f"model.pos_encodings must be rope | learned | none, got {self.pos_encodings!r}")
         if self.loss_type not in ("stablemax", "softmax"):
             raise ValueError(f"model.loss_type must be stablemax | softmax, got {self.loss_type!r}")
+        if self.num_puzzle_ids < 0 or self.puzzle_emb_len < 0:
+            raise ValueError("model.num_puzzle_ids and model.puzzle_emb_len must be >= 0")
         if self.H_cycles < 1 or self.L_cycles < 1 or self.halt_max_steps < 1:
             raise ValueError("model.H_cycles, L_cycles and halt_max_steps must all be >= 1")
 
@@ -210,7 +213,9 @@ class TRM(nn.Module):
             self.q_head.weight.zero_()
             self.q_head.bias.fill_(cfg.q_head_bias_init)
         # one vector per puzzle id, zero-init; sparse gradients so a sign-SGD step touches only the rows in the batch
-        self.puzzle_emb = nn.Embedding(cfg.num_puzzle_ids, D, sparse=True) if cfg.puzzle_emb_len > 0 else None
+        # (no table when num_puzzle_ids = 0: the prefix then comes from `conditioning`, e.g. the ETRM encoder)
+        self.puzzle_emb = nn.Embedding(cfg.num_puzzle_ids, D, sparse=True) \
+            if cfg.puzzle_emb_len > 0 and cfg.num_puzzle_ids > 0 else None
         if self.puzzle_emb is not None:
             self.puzzle_emb.weight.data.zero_()
         if cfg.pos_encodings == "learned":
@@ -226,15 +231,18 @@ class TRM(nn.Module):
 
     # ---- parameters
     def count_parameters(self) -> dict[str, int]:
+        """Every parameter (trainable when the model trains; a frozen decoder counts the same)."""
         n_puzzle = self.puzzle_emb.weight.numel() if self.puzzle_emb is not None else 0
-        total = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
         return {"net": sum(p.numel() for p in self.net.parameters()),
                 "puzzle_emb": n_puzzle, "total_ex_puzzle_emb": total - n_puzzle, "total": total}
 
     # ---- conditioning and inputs
     def puzzle_conditioning(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, P, D) prefix from the puzzle id: token 0 = the id's vector, tokens 1..P-1 zero (as the paper)."""
-        B, P, D = data["inputs"].shape[0], self.cfg.puzzle_emb_len, self.cfg.hidden_size
+        if self.puzzle_emb is None:
+            raise ValueError("this TRM has no puzzle-id table (num_puzzle_ids = 0): pass conditioning=")
+        P = self.cfg.puzzle_emb_len
         first = self.puzzle_emb(data["puzzle_ids"]).unsqueeze(1)  # (B, 1, D)
         return F.pad(first, (0, 0, 0, P - 1))  # (B, P, D)
 
@@ -305,8 +313,10 @@ class TRM(nn.Module):
 # ------------------------------------------------------------------------------------------------------------- loss
 
 def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """log of s(x)/sum s(x), s(x) = x+1 for x >= 0 else 1/(1-x): a softmax without exp (Prieto et al. 2025)."""
-    s = torch.where(x < 0, 1 / (1 - x), x + 1)
+    """log of s(x)/sum s(x), s(x) = x+1 for x >= 0 else 1/(1-x): a softmax without exp (Prieto et al. 2025).
+    Each branch sees only its own side of 0: with a plain where(x < 0, 1/(1-x), x+1) a logit of exactly 1.0 makes
+    the unused branch's gradient inf, and inf * 0 = NaN (it happened ~once per 500 steps in a 64 x 25 x 12 run)."""
+    s = torch.where(x < 0, 1 / (1 - x.clamp(max=0)), x.clamp(min=0) + 1)
     return torch.log(s / s.sum(dim=dim, keepdim=True))
 
 
@@ -343,14 +353,15 @@ def act_loss(out: dict, carry: Carry, cfg: TRMConfig) -> tuple[torch.Tensor, dic
             "steps": torch.where(valid, carry.steps, 0).sum(),
         }
     terms = act_loss_terms(out, carry, cfg)
-    metrics["lm_loss"] = terms["lm"].detach()
-    metrics["q_halt_loss"] = F.binary_cross_entropy_with_logits(out["q_halt_logits"].detach(), exact.to(logits.dtype))
-    return terms["lm"] + terms["q_halt"], metrics
+    metrics["lm_loss"] = terms["lm"][1].detach()
+    metrics["q_halt_loss"] = terms["q_halt"][1].detach()
+    return sum(w * term for w, term in terms.values()), metrics
 
 
-def act_loss_terms(out: dict, carry: Carry, cfg: TRMConfig) -> dict[str, torch.Tensor]:
-    """The weighted loss terms (with gradient), batch means: lm = per-sequence mean token CE, q_halt =
-    q_loss_weight * BCE(q_halt_logit, sequence exactly correct). Their sum is act_loss's loss."""
+def act_loss_terms(out: dict, carry: Carry, cfg: TRMConfig) -> dict[str, tuple[float, torch.Tensor]]:
+    """The loss terms as {name: (weight, loss)} (the format of reasonlab.rl.audit.audit_terms), batch means:
+    lm = per-sequence mean token CE (weight 1), q_halt = BCE(q_halt_logit, sequence exactly correct) (weight
+    q_loss_weight). act_loss's loss is sum(weight * loss)."""
     labels, logits = carry.data["labels"], out["logits"]
     mask = labels != IGNORE_LABEL_ID
     n_tok = mask.sum(-1)
@@ -358,7 +369,7 @@ def act_loss_terms(out: dict, carry: Carry, cfg: TRMConfig) -> dict[str, torch.T
         exact = (mask & (logits.argmax(-1) == labels)).sum(-1) == n_tok
     lm = (token_cross_entropy(logits, labels, cfg.loss_type).sum(-1) / n_tok.clamp_min(1)).mean()
     q = F.binary_cross_entropy_with_logits(out["q_halt_logits"], exact.to(logits.dtype))
-    return {"lm": lm, "q_halt": cfg.q_loss_weight * q}
+    return {"lm": (1.0, lm), "q_halt": (cfg.q_loss_weight, q)}
 
 
 # -------------------------------------------------------------------------------------------------------- optimizer

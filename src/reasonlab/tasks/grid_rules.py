@@ -299,6 +299,14 @@ def sample_puzzle(rule: Rule, rng: np.random.Generator, pid: str, n_demos: int =
                        "use more demos or larger grids")
 
 
+def content_id(p: Puzzle) -> str:
+    """An instance's id from its content (rule and every grid): equal content <=> equal id, in any split."""
+    h = hashlib.sha1(p.rule.encode())
+    for x, y in p.demos + p.tests:
+        h.update(grid_key(x).encode() + b">" + grid_key(y).encode() + b";")
+    return f"gr-{h.hexdigest()[:16]}"
+
+
 # ----------------------------------------------------------------------------- leakage
 
 def grid_key(g: Grid) -> str:
@@ -367,11 +375,20 @@ class GridRulesTask(Task):
     splits = ("train", "val", "heldout")
 
     def __init__(self, **kwargs):
+        from reasonlab.tasks.base import TaskError
+
+        known = set(GridRulesConfig.__dataclass_fields__)
+        bad = sorted(set(kwargs) - known)
+        if bad:
+            raise TaskError(f"grid-rules has no argument {bad[0]!r}; valid: {', '.join(sorted(known))}")
         self.cfg = GridRulesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
         c = self.cfg
-        self.rules = all_rules(c.moves, c.geos, c.colours)
-        self.train_rules, self.heldout_rules = split_rules(self.rules, c.heldout_rules, c.seed,
-                                                           c.heldout_min_steps, c.pair_coverage)
+        try:
+            self.rules = all_rules(c.moves, c.geos, c.colours)
+            self.train_rules, self.heldout_rules = split_rules(self.rules, c.heldout_rules, c.seed,
+                                                               c.heldout_min_steps, c.pair_coverage)
+        except ValueError as e:
+            raise TaskError(str(e)) from None
         self._cache: dict[str, list[Puzzle]] = {}
 
     def puzzles(self, split: str) -> list[Puzzle]:
@@ -383,10 +400,40 @@ class GridRulesTask(Task):
             rules = self.heldout_rules if split == "heldout" else self.train_rules
             # one independent stream per split: adding training instances never changes the evaluation sets
             rng = np.random.default_rng([c.seed, self.splits.index(split) + 1])
-            self._cache[split] = [
-                sample_puzzle(rules[i % len(rules)], rng, f"grid-rules/{split}/{i}", c.n_demos, c.n_tests,
-                              c.min_size, c.max_size, check_rules=self.rules) for i in range(n)]
+            out = []
+            for i in range(n):
+                p = sample_puzzle(rules[i % len(rules)], rng, "", c.n_demos, c.n_tests, c.min_size, c.max_size,
+                                  check_rules=self.rules)
+                p.id = content_id(p)
+                out.append(p)
+            self._cache[split] = out
         return self._cache[split]
+
+    # ---- the TRM recipe's grid interface (as tasks.arc_agi)
+    split_mode = "heldout"
+
+    def grid_tasks(self, split: str) -> list:
+        """GridTask views (id, demos, tests) of a split's instances, for tasks.grids.build_grid_dataset."""
+        from reasonlab.tasks.arc_agi import GridTask
+
+        return [GridTask(p.id, list(p.demos), list(p.tests), {"rule": p.rule}) for p in self.puzzles(split)]
+
+    def leakage(self) -> dict:
+        """Proves the held-out split is clean against training (ids, rules, rule functions, input/output pairs) and
+        that val shares no instance or pair with training; raises LeakageError naming the first problem."""
+        from reasonlab.tasks.arc_agi import LeakageError
+
+        train = self.puzzles("train")
+        out = {}
+        for split, same_rules in (("val", True), ("heldout", False)):
+            problems = leakage_check(train, self.puzzles(split), allow_same_rules=same_rules)
+            if problems:
+                raise LeakageError(f"grid-rules {split} leaks into training: {problems[0]}")
+            out[split] = {"problems": 0, "n": len(self.puzzles(split)),
+                          "rules": sorted({p.rule for p in self.puzzles(split)}) if split == "heldout" else
+                          len({p.rule for p in self.puzzles(split)})}
+        out["train_rules"] = len(self.train_rules)
+        return out
 
     def examples(self, split: str) -> list[Example]:
         out = []

@@ -83,14 +83,17 @@ class Augmentation:
         return dihedral(inv[grid], DIHEDRAL_INVERSE[self.k])
 
 
-def augmentations(n: int, seed: int | str, keep_background: bool = True) -> list[Augmentation]:
-    """Identity first, then n-1 distinct random augmentations (deterministic in seed)."""
+def augmentations(n: int, seed: int | str, keep_background: bool = True, dihedral: bool = True) -> list[Augmentation]:
+    """Identity first, then n-1 distinct random augmentations (deterministic in seed). dihedral=False: colour
+    permutations only (for rule families that a dihedral transform would map onto another rule)."""
     rng = random.Random(f"aug/{seed}")
     out, seen = [Augmentation()], {Augmentation().id}
     for _ in range(100 * n):
         if len(out) >= n:
             break
         a = Augmentation.random(rng, keep_background)
+        if not dihedral:
+            a = Augmentation(0, a.perm)
         if a.id not in seen:
             seen.add(a.id)
             out.append(a)
@@ -252,7 +255,10 @@ class PuzzleDataset:
 
     inputs/labels are uint8 (tokens < 255; label 255 = IGNORE) to keep paper-scale augmentation in memory;
     `batch()` returns int64 tensors with IGNORE_LABEL_ID. `demo_idx[pid]` lists the pool rows of the demonstration
-    pairs of puzzle id `pid` (-1 padded) for encoder conditioning (ETRM)."""
+    pairs of puzzle id `pid` (-1 padded) for encoder conditioning (ETRM); a row that is one of those demos has it
+    masked out of its own batch entry (leave-one-out), or the encoder could copy the answer. `train_ids` are the example ids of
+    everything trained on ("<task>/demo<j>", "<task>/<test index>"), in the id space of the eval records
+    ("<task>/<test index>"), for the run folder's leakage detector."""
     inputs: np.ndarray                   # (M, L) uint8
     labels: np.ndarray                   # (M, L) uint8, 255 = ignore
     pid: np.ndarray                      # (M,) int64 puzzle id (task x augmentation) of each row
@@ -262,8 +268,10 @@ class PuzzleDataset:
     num_puzzle_ids: int
     seq_len: int
     vocab_size: int
-    kind: str = "grid"                   # grid: decode 30x30 canvases and invert augmentations | flat: tokens as is
+    kind: str = "grid"                   # grid: decode canvases and invert augmentations | flat: tokens as is
+    canvas: int = MAX_SIZE               # grid: side of the square canvas (seq_len = canvas^2)
     info: dict = None
+    train_ids: list[str] = None
 
     def batch(self, rows, with_demos: bool = False) -> dict:
         import torch
@@ -278,30 +286,33 @@ class PuzzleDataset:
             safe = np.where(d < 0, 0, d)
             dl = self.labels[safe].astype(np.int64)                                                # (B, K, L)
             out["demo_inputs"] = torch.from_numpy(self.inputs[safe].astype(np.int64))             # (B, K, L)
-            out["demo_labels"] = torch.from_numpy(np.where(dl == 255, IGNORE_LABEL_ID, dl))
-            out["demo_mask"] = torch.from_numpy(d >= 0)                                            # (B, K)
+            out["demo_outputs"] = torch.from_numpy(np.where(dl == 255, PAD, dl))                   # (B, K, L) tokens
+            # leave-one-out: a training row that is itself a demo of its puzzle never sees its own answer
+            out["demo_mask"] = torch.from_numpy((d >= 0) & (d != rows[:, None]))                  # (B, K)
         return out
 
     def decode(self, tokens: np.ndarray, aug: Augmentation | None) -> np.ndarray | None:
         """A predicted token sequence -> answer in the original frame (None when no grid can be read)."""
         if self.kind == "flat":
             return np.asarray(tokens, dtype=np.int64)
-        g = decode_grid(tokens)
+        g = decode_grid(tokens, self.canvas)
         return None if g is None else (aug.invert(g) if aug is not None else g)
 
 
 def build_grid_dataset(train_tasks: list, demo_only_tasks: list, eval_tasks: dict[str, list], n_aug: int = 8,
-                       seed: int = 0, translate: bool = True, max_demos: int = 10) -> PuzzleDataset:
+                       seed: int = 0, translate: bool = True, max_demos: int = 10, canvas: int = MAX_SIZE,
+                       dihedral: bool = True) -> PuzzleDataset:
     """Pool every (task x augmentation) of GridTask-like objects (id, demos, tests).
 
     train_tasks      demos and tests are training samples
     demo_only_tasks  demos are training samples, tests are not (transductive evaluation tasks)
     eval_tasks       split -> tasks whose tests are queries (every augmentation; voted after inversion)
-    Training rows get a random translation when `translate`; demos and queries sit at the top-left."""
+    Training rows get a random translation when `translate`; demos and queries sit at the top-left.
+    `canvas` is the side of the square canvas (ARC: 30); every grid must fit with its EOS border (side <= canvas-1
+    unless it fills the canvas exactly)."""
     rng = random.Random(f"grid-dataset/{seed}")
     inputs, labels, pids, train_rows = [], [], [], []
     demo_rows: list[list[int]] = []
-    aug_of: dict[tuple[str, str], int] = {}  # (task id, aug id) -> puzzle id
     queries: dict[str, list] = {}
     all_tasks: dict[str, object] = {}
     for t in list(train_tasks) + list(demo_only_tasks) + [t for ts in eval_tasks.values() for t in ts]:
@@ -309,23 +320,27 @@ def build_grid_dataset(train_tasks: list, demo_only_tasks: list, eval_tasks: dic
     train_ids = {t.id for t in train_tasks}
     demo_ids = {t.id for t in demo_only_tasks}
     query_of = {t.id: s for s, ts in eval_tasks.items() for t in ts}
+    trained_on: list[str] = []
 
     def add(inp, out, pid, offset=(0, 0)) -> int:
-        inputs.append(encode_grid(inp, offset).astype(np.uint8))
-        lab = encode_label(out, offset)
+        inputs.append(encode_grid(inp, offset, canvas).astype(np.uint8))
+        lab = encode_label(out, offset, canvas)
         labels.append(np.where(lab == IGNORE_LABEL_ID, 255, lab).astype(np.uint8))
         pids.append(pid)
         return len(pids) - 1
 
     for tid, t in all_tasks.items():
-        for aug in augmentations(n_aug, f"{seed}/{tid}"):
+        trains = tid in train_ids or tid in demo_ids
+        if trains:
+            trained_on += [f"{tid}/demo{j}" for j in range(len(t.demos))]
+        if tid in train_ids:
+            trained_on += [f"{tid}/{j}" for j in range(len(t.tests))]
+        for aug in augmentations(n_aug, f"{seed}/{tid}", dihedral=dihedral):
             pid = len(demo_rows)
-            aug_of[(tid, aug.id)] = pid
-            demos = [(aug.apply(i), aug.apply(o)) for i, o in t.demos]
             rows = []
-            for i, o in demos:
-                trains = tid in train_ids or tid in demo_ids
-                off = random_offset([i.shape, o.shape], rng) if (translate and trains) else (0, 0)
+            for i, o in t.demos:
+                i, o = aug.apply(i), aug.apply(o)
+                off = random_offset([i.shape, o.shape], rng, canvas) if (translate and trains) else (0, 0)
                 r = add(i, o, pid, off)
                 rows.append(r)
                 if trains:
@@ -334,7 +349,7 @@ def build_grid_dataset(train_tasks: list, demo_only_tasks: list, eval_tasks: dic
             for j, (i, o) in enumerate(t.tests):
                 i, o = aug.apply(i), aug.apply(o)
                 if tid in train_ids:
-                    off = random_offset([i.shape, o.shape], rng) if translate else (0, 0)
+                    off = random_offset([i.shape, o.shape], rng, canvas) if translate else (0, 0)
                     train_rows.append(add(i, o, pid, off))
                 if tid in query_of:
                     queries.setdefault(query_of[tid], []).append((add(i, o, pid), tid, j, aug))
@@ -350,6 +365,7 @@ def build_grid_dataset(train_tasks: list, demo_only_tasks: list, eval_tasks: dic
                                  gold={t.id: [np.asarray(o) for _, o in t.tests] for t in ts})
     return PuzzleDataset(inputs=np.stack(inputs), labels=np.stack(labels), pid=np.array(pids, dtype=np.int64),
                          train_idx=np.array(train_rows, dtype=np.int64), demo_idx=demo_idx, evals=evals,
-                         num_puzzle_ids=len(demo_rows), seq_len=MAX_SIZE * MAX_SIZE, vocab_size=VOCAB_SIZE,
-                         kind="grid", info={"n_aug": n_aug, "translate": translate, "n_train_rows": len(train_rows),
-                                            "n_tasks": len(all_tasks)})
+                         num_puzzle_ids=len(demo_rows), seq_len=canvas * canvas, vocab_size=VOCAB_SIZE,
+                         kind="grid", canvas=canvas, train_ids=trained_on,
+                         info={"n_aug": n_aug, "dihedral": dihedral, "translate": translate, "canvas": canvas,
+                               "n_train_rows": len(train_rows), "n_tasks": len(all_tasks)})

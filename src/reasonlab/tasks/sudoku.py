@@ -133,6 +133,12 @@ def canonical_hash(puzzle: np.ndarray) -> str:
     return hashlib.sha1(canon).hexdigest()
 
 
+def puzzle_id(puzzle: np.ndarray, size: int) -> str:
+    """Content id "sudoku<size>/<canonical hash>": a puzzle seen in training and in test has the same id there, so
+    the run folder's leakage detector (ids of evals vs data/train_ids.txt) sees a leak by content, not by name."""
+    return f"sudoku{size}/{canonical_hash(puzzle)[:16]}"
+
+
 def generate(n: int, size: int, seed: int, holes: int | None = None, exclude: set[str] | None = None) -> list[Puzzle]:
     """n distinct puzzles (by canonical hash), none whose hash is in `exclude`."""
     rng = random.Random(f"sudoku/{size}/{seed}")
@@ -211,8 +217,8 @@ class SudokuTask(Task):
 
     def examples(self, split: str) -> list[Example]:
         n = self.size
-        return [Example(id=f"sudoku{n}/{split}/{i}", question=render(p.puzzle, n), gold=render(p.solution, n),
-                        meta={"size": n, "givens": int((p.puzzle != 0).sum()), "hash": canonical_hash(p.puzzle)})
+        return [Example(id=puzzle_id(p.puzzle, n), question=render(p.puzzle, n), gold=render(p.solution, n),
+                        meta={"size": n, "givens": int((p.puzzle != 0).sum()), "split": split, "index": i})
                 for i, p in enumerate(self.puzzles(split))]
 
     def prompt(self, example: Example, style: str = "default") -> str:
@@ -239,22 +245,43 @@ class SudokuTask(Task):
                      extractions={EXTRACTOR: extracted}, correct_by={EXTRACTOR: correct})
 
 
-def build_dataset(task: SudokuTask, splits: tuple[str, ...] = ("val", "test")):
+def relabel_digits(inputs: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator):
+    """Training augmentation: rename the digits of each row with its own random permutation (blank/PAD fixed).
+    (n, L) token arrays -> new arrays. The splits are disjoint up to digit renaming (canonical hash), so a
+    relabelled training puzzle is still never a test puzzle."""
+    n = len(inputs)
+    perm = np.argsort(rng.random((n, size)), axis=1) + 2  # (n, size): digit token d+2 -> perm[d]
+    lut = np.tile(np.arange(size + 2), (n, 1))  # (n, V): tokens 0 PAD and 1 blank map to themselves
+    lut[:, 2:] = perm
+    rows = np.arange(n)[:, None]
+    return lut[rows, inputs], lut[rows, labels]
+
+
+def build_dataset(task: SudokuTask, splits: tuple[str, ...] = ("val", "test"), train_eval: int = 0):
     """A grids.PuzzleDataset over sudoku: one puzzle id (the task is the same for every puzzle), flat token answers;
-    each evaluation puzzle is its own 'task' with one output, so pass@1 = exact accuracy."""
+    each evaluation puzzle is its own 'task' with one output, so pass@1 = exact accuracy. Eval records are named
+    "<example id>/0", and so are `train_ids`."""
     from reasonlab.tasks.grids import EvalSplit, PuzzleDataset
 
-    pools = {s: to_arrays(task.puzzles(s)) for s in ("train",) + tuple(splits)}
+    splits = tuple(s for s in splits if s != "train")
+    pools = {s: to_arrays(task.puzzles(s)) for s in ("train",) + splits}
     inputs = np.concatenate([p[0] for p in pools.values()]).astype(np.uint8)
     labels = np.concatenate([p[1] for p in pools.values()]).astype(np.uint8)
+    train_ids = [puzzle_id(p.puzzle, task.size) for p in task.puzzles("train")]
     evals, start = {}, len(pools["train"][0])
+    if train_eval:  # the first N training puzzles, scored like a held-out split (train vs held-out accuracy)
+        n = min(train_eval, start)
+        ids = train_ids[:n]
+        evals["train"] = EvalSplit(idx=np.arange(n), task=ids, out_index=[0] * n, aug=[None] * n,
+                                   gold={ids[i]: [pools["train"][1][i]] for i in range(n)})
     for s in splits:
         n = len(pools[s][0])
-        ids = [e.id for e in task.examples(s)]
+        ids = [puzzle_id(p.puzzle, task.size) for p in task.puzzles(s)]
         evals[s] = EvalSplit(idx=np.arange(start, start + n), task=ids, out_index=[0] * n, aug=[None] * n,
                              gold={ids[i]: [pools[s][1][i]] for i in range(n)})
         start += n
     return PuzzleDataset(inputs=inputs, labels=labels, pid=np.zeros(len(inputs), dtype=np.int64),
                          train_idx=np.arange(len(pools["train"][0])), demo_idx=np.zeros((1, 0), dtype=np.int64),
                          evals=evals, num_puzzle_ids=1, seq_len=task.size * task.size, vocab_size=task.size + 2,
-                         kind="flat", info={"size": task.size, "holes": task.holes, "leakage": task.leakage()})
+                         kind="flat", train_ids=[f"{i}/0" for i in train_ids],  # = eval record ids
+                         info={"size": task.size, "holes": task.holes, "leakage": task.leakage()})

@@ -12,9 +12,9 @@ Interlat arXiv 2511.09149):
   1 - step/N (soft_plus_text -> soft_only); evaluation always uses `bridge.mode`.
 - Losses (each weighted, each in the gradient audit, each added exactly once): nll (answer teacher: NLL of the gold
   answer), kl (prompt teacher: KL(target reading the REAL question text || bridged target) over the first k gold
-  answer tokens; the teacher is never a question-free prior — seed 001's was), align (1 - cos between the pooled soft
-  tokens and the target's pooled embeddings of the question), infonce (symmetric InfoNCE of the same pooled vectors
-  over the batch), separation (the gold answer must be `margin` nats/token likelier under the true source than under
+  answer tokens; the teacher is never a question-free prior — seed 001's was), align (soft tokens vs the target's
+  embeddings of the question tokens: cosine of the pooled vectors, or chamfer = nearest-neighbour cosine both ways),
+  infonce (symmetric InfoNCE of the pooled soft tokens vs the pooled question embeddings over the batch), separation (the gold answer must be `margin` nats/token likelier under the true source than under
   a shuffled one), dit (flow-matching loss of the DiT reconstructing the question embeddings from the soft tokens).
 - Evaluation (validation before training, every `eval.every` steps, at the end; test ONCE at the end on the
   best-on-validation checkpoint), all greedy, all scored by the task's scorer, every accuracy with a Wilson 95% CI,
@@ -42,7 +42,7 @@ from reasonlab import dist
 from reasonlab.config import BaseConfig, EvalConfig, F, TrainConfig
 from reasonlab.diagnostics.watch import WatchConfig, Watcher, encoder_stats, record_train_ids
 from reasonlab.models.bridge import (Bridge, BridgeError, DiTConfig, Row, SourceConfig, TranslatorConfig, answer_logits,
-                                     answer_nll, assemble, curriculum_text_prob, derangement, greedy_from_embeds,
+                                     answer_nll, assemble, ctc_alignment, curriculum_text_prob, derangement, greedy_from_embeds,
                                      info_nce, kl_first_k, load_source, prompt_alignment, separation)
 from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl.audit import audit_terms
@@ -82,7 +82,10 @@ class LossConfig:
     kl: float = F(0.0, "prompt teacher: KL(target reading the real question || bridged target)")
     kl_tokens: int = F(4, "KL over the first k gold answer tokens")
     kl_temperature: float = F(1.0, "temperature of both distributions in the KL")
-    align: float = F(0.0, "prompt alignment: 1 - cos(pooled soft tokens, pooled target embeddings of the question)")
+    align: float = F(0.0, "prompt alignment: soft tokens vs the target's embeddings of the question tokens")
+    align_mode: str = F("mean", "mean (cos of pooled vectors) | chamfer (nearest-neighbour cos, both directions) | "
+                                "ctc (the soft tokens spell the question's target tokens in order; needs K >= L)")
+    align_tau: float = F(0.05, "ctc alignment: temperature of the cosine logits over the target vocabulary")
     infonce: float = F(0.0, "InfoNCE between pooled soft tokens and pooled question embeddings (one term)")
     infonce_tau: float = F(0.1, "InfoNCE temperature")
     separation: float = F(0.0, "true-vs-shuffled-source separation of the gold-answer NLL")
@@ -93,6 +96,8 @@ class LossConfig:
         for k in ("nll", "kl", "align", "infonce", "separation", "dit"):
             if getattr(self, k) < 0:
                 raise ValueError(f"loss.{k} must be >= 0")
+        if self.align_mode not in ("mean", "chamfer", "ctc"):
+            raise ValueError(f"loss.align_mode must be mean | chamfer | ctc, got {self.align_mode!r}")
         if self.kl_tokens < 1 or self.kl_temperature <= 0 or self.infonce_tau <= 0:
             raise ValueError("loss.kl_tokens must be >= 1 and loss.kl_temperature, loss.infonce_tau > 0")
 
@@ -201,6 +206,13 @@ def source_texts(e_list, task, cfg: Config) -> list[str]:
     return [task.prompt(e, cfg.data.style) for e in e_list]
 
 
+def question_ids(prompter: Prompter, exs, device) -> torch.Tensor:
+    """The question's target token ids, right-padded with 0: (B, L) (the mask comes from question_embeddings)."""
+    rows = [prompter.get(e)["question"] for e in exs]
+    L = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (L - len(r)) for r in rows], device=device)
+
+
 def question_embeddings(embedding, prompter: Prompter, exs) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's input embeddings of each question's tokens: (B, L, Dt) right-padded, mask (B, L)."""
     rows = [prompter.get(e)["question"] for e in exs]
@@ -250,8 +262,12 @@ def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator) -> tuple[dict, d
     if lw.align > 0 or lw.infonce > 0 or lw.dit > 0:
         with torch.no_grad():
             q_emb, q_mask = question_embeddings(emb, prompter, exs)  # (B, L, Dt), (B, L)
-        if lw.align > 0:
-            terms["align"] = (lw.align, prompt_alignment(soft, soft_mask, q_emb, q_mask))
+        if lw.align > 0 and lw.align_mode == "ctc":
+            q_ids = question_ids(prompter, exs, soft.device)
+            terms["align"] = (lw.align, ctc_alignment(soft, soft_mask, q_ids, q_mask, emb.weight, bridge.blank,
+                                                      lw.align_tau))
+        elif lw.align > 0:
+            terms["align"] = (lw.align, prompt_alignment(soft, soft_mask, q_emb, q_mask, lw.align_mode))
         if lw.infonce > 0:
             terms["infonce"] = (lw.infonce, info_nce(soft, soft_mask, q_emb, q_mask, lw.infonce_tau))
         if lw.dit > 0:
@@ -313,7 +329,8 @@ def summarize(records: list[dict]) -> dict:
     return {"accuracy": accuracy(r["correct"] for r in records).to_dict(),
             "invalid_rate": invalid_rate(r["valid"] for r in records).to_dict(),
             "invalid_count": sum(not r["valid"] for r in records),
-            "unique_output_ratio": len(set(outs)) / max(1, len(outs)),
+            "unique_output_ratio": {"value": len(set(outs)) / max(1, len(outs)), "n": len(outs), "lo": None,
+                                    "hi": None, "method": "none"},  # distinct outputs / outputs (descriptive)
             "unique_answer_ratio": unique_answer_ratio(answers).to_dict(),
             "answer_entropy_bits": answer_entropy(answers).to_dict()}
 
@@ -420,7 +437,7 @@ def eval_metrics(res: dict, prefix: str) -> dict:
         p = prefix if cond == "bridged" else f"{prefix}/{cond}"
         m.update({f"{p}/acc": acc["value"], f"{p}/acc_lo": acc["lo"], f"{p}/acc_hi": acc["hi"], f"{p}/n": acc["n"],
                   f"{p}/invalid_count": s["metrics"]["invalid_count"],
-                  f"{p}/unique_output_ratio": s["metrics"]["unique_output_ratio"]})
+                  f"{p}/unique_output_ratio": s["metrics"]["unique_output_ratio"]["value"]})
     return m
 
 
@@ -431,7 +448,7 @@ def fmt(res: dict) -> str:
             a = res[cond]["metrics"]["accuracy"]
             parts.append(f"{cond} {a['value']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]")
     n = res["bridged"]["metrics"]["accuracy"]["n"]
-    uo = res["bridged"]["metrics"]["unique_output_ratio"]
+    uo = res["bridged"]["metrics"]["unique_output_ratio"]["value"]
     return f"{'; '.join(parts)} (n={n}); bridged unique outputs {uo:.2f}"
 
 
@@ -470,7 +487,8 @@ def main(cfg: Config, run: Run) -> dict:
         p.requires_grad_("lora_" in n)
     target.eval()  # no dropout in the frozen target
     torch.manual_seed(cfg.seed)  # the bridge's init does not depend on what loading consumed
-    bridge = Bridge(source.dim, target.get_input_embeddings().weight, cfg.translator, cfg.dit).to(device)
+    bridge = Bridge(source.dim, target.get_input_embeddings().weight, cfg.translator, cfg.dit,
+                    ctc_blank=cfg.loss.align > 0 and cfg.loss.align_mode == "ctc").to(device)
     prompter = Prompter(task, tok, cfg)
     ctx = {"cfg": cfg, "task": task, "source": source, "target": target, "bridge": bridge, "prompter": prompter,
            "run": run}
@@ -482,7 +500,10 @@ def main(cfg: Config, run: Run) -> dict:
         return min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps else 1.0
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def step_gen(step: int) -> torch.Generator:  # curriculum draws, shuffles, DiT noise: a pure function of (seed, step)
+        return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
     n_bridge = sum(p.numel() for p in bridge.parameters())
     t_train, t_total = count_parameters(target)
     dist.print0(f"source {cfg.source.name}{' (tiny stand-in)' if src_stand_in else ''} (dim {source.dim}, "
@@ -495,7 +516,7 @@ def main(cfg: Config, run: Run) -> dict:
 
     if run.dry_run:  # two examples (the fewest the shuffled/contrastive terms need): a laptop check, not a benchmark
         exs = batch_for(0)[:2]
-        terms, info = loss_terms(ctx, exs, 0, gen)
+        terms, info = loss_terms(ctx, exs, 0, step_gen(0))
         audit = audit_terms(terms, params)
         loss = float(total_loss(terms).detach())
         shown = prompter.get(exs[0])["shown"]
@@ -511,7 +532,6 @@ def main(cfg: Config, run: Run) -> dict:
     if run.resume_from is not None:
         state = run.resume_from.restore(modules=modules, optimizer=opt, scheduler=sched)
         start, best = state["step"], state["best"]
-        gen.manual_seed(cfg.seed + start)
         dist.print0(f"resumed from {run.resume_from.path} at step {start}")
 
     def save(step: int, name: str | None = None):
@@ -527,6 +547,9 @@ def main(cfg: Config, run: Run) -> dict:
         dist.print0(f"step {step}: validation {fmt(res)}")
         return res["bridged"]["metrics"]["accuracy"]["value"]
 
+    def periodic(step: int) -> bool:  # eval.every <= 0: no periodic evals (-1 also skips the one before training)
+        return cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < cfg.train.steps
+
     n_test = cfg.eval.test_limit or len(task.examples(cfg.data.test_split))
     run.final_eval_scale = 1.0 + n_test / max(1, len(val))
     if start == 0 and cfg.eval.every >= 0:
@@ -540,7 +563,7 @@ def main(cfg: Config, run: Run) -> dict:
         if run.should_stop(step):
             break
         exs = batch_for(step)
-        terms, info = loss_terms(ctx, exs, step, gen)
+        terms, info = loss_terms(ctx, exs, step, step_gen(step))
         metrics = {}
         if cfg.watch.audit_every and step % cfg.watch.audit_every == 0:  # each weighted term's gradient alone
             metrics.update(audit_terms(terms, params).metrics())
@@ -566,7 +589,7 @@ def main(cfg: Config, run: Run) -> dict:
             run.log(step, metrics)
             if watcher.step(step, metrics):
                 break
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+        if periodic(step):
             acc = validate(step)
             if acc > best["acc"]:
                 best = {"acc": acc, "step": step}
@@ -578,7 +601,7 @@ def main(cfg: Config, run: Run) -> dict:
     save(step)
     if run.stop_reason in ("SIGTERM", "SIGINT"):
         return {"final_step": step, "stopped": run.stop_reason}
-    if step > 0 and (not cfg.eval.every or step % cfg.eval.every or step == cfg.train.steps):
+    if step > 0 and not periodic(step):  # (a stop right after a periodic eval needs no second one)
         acc = validate(step)
         if acc > best["acc"]:
             best = {"acc": acc, "step": step}
@@ -603,4 +626,4 @@ def main(cfg: Config, run: Run) -> dict:
         write_report(run.dir)
     return {"final_step": step, "best_step": best["step"], "best_val_acc": best["acc"], "cpu_s": round(cpu, 1),
             "test": {c: res[c]["metrics"]["accuracy"] for c in res if c != "soft_stats"},
-            "test_unique_output_ratio": res["bridged"]["metrics"]["unique_output_ratio"]}
+            "test_unique_output_ratio": res["bridged"]["metrics"]["unique_output_ratio"]["value"]}

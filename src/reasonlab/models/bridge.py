@@ -244,7 +244,7 @@ class Bridge(nn.Module):
     """Translator (+ optional flow DiT). forward(states, mask) -> soft tokens (B, K, Dt) and their mask (B, K)."""
 
     def __init__(self, d_src: int, target_embedding: torch.Tensor, tc: TranslatorConfig,
-                 dc: DiTConfig | None = None):
+                 dc: DiTConfig | None = None, ctc_blank: bool = False):
         super().__init__()
         d_tgt = target_embedding.shape[1]
         self.tc = tc
@@ -252,6 +252,8 @@ class Bridge(nn.Module):
         # the target's embedding scale, a buffer so checkpoints carry it and it never trains
         self.register_buffer("target_rms", torch.tensor(embedding_rms(target_embedding)))
         self.dit = FlowDiT(d_tgt, dc) if dc is not None and dc.enabled else None
+        # the CTC blank direction (only when the CTC alignment loss is used: an unused parameter would never train)
+        self.blank = nn.Parameter(torch.randn(d_tgt) * self.target_rms) if ctc_blank else None
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, m = self.translator(states, mask)  # (B, K, Dt), (B, K)
@@ -420,9 +422,39 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def prompt_alignment(soft, soft_mask, q_emb, q_mask) -> torch.Tensor:
-    """1 - cos(mean soft token, mean target embedding of the question tokens), averaged over the batch."""
-    return (1 - F_.cosine_similarity(masked_mean(soft, soft_mask), masked_mean(q_emb, q_mask), dim=-1)).mean()
+def prompt_alignment(soft, soft_mask, q_emb, q_mask, mode: str = "mean") -> torch.Tensor:
+    """Soft tokens (B, K, D) vs the target's embeddings of the question tokens (B, L, D), in [0, 2]:
+    mean     1 - cos(mean soft token, mean question-token embedding)
+    chamfer  1 - cos averaged over both directions of nearest neighbours: every question token must be close to some
+             soft token and every soft token to some question token (order- and length-free, so it works whatever
+             the two tokenizers and the number of soft tokens)."""
+    if mode == "mean":
+        return (1 - F_.cosine_similarity(masked_mean(soft, soft_mask), masked_mean(q_emb, q_mask), dim=-1)).mean()
+    if mode != "chamfer":
+        raise ValueError(f"alignment mode must be mean | chamfer, got {mode!r}")
+    sim = F_.normalize(q_emb, dim=-1) @ F_.normalize(soft, dim=-1).transpose(1, 2)  # (B, L, K) cosines
+    q_best = sim.masked_fill(~soft_mask[:, None, :], -2.0).max(-1).values  # (B, L): best soft token per question token
+    s_best = sim.masked_fill(~q_mask[:, :, None], -2.0).max(1).values  # (B, K): best question token per soft token
+    qm, sm = q_mask.float(), soft_mask.float()
+    q_term = ((1 - q_best) * qm).sum(1) / qm.sum(1).clamp(min=1)
+    s_term = ((1 - s_best) * sm).sum(1) / sm.sum(1).clamp(min=1)
+    return (0.5 * (q_term + s_term)).mean()
+
+
+def ctc_alignment(soft, soft_mask, q_ids, q_mask, embedding: torch.Tensor, blank: torch.Tensor,
+                  tau: float) -> torch.Tensor:
+    """CTC transcription of the question's target tokens by the soft tokens: soft token k "reads as" token v with logit
+    cos(soft_k, E_v) / tau (E = the target's input embeddings; a learned `blank` direction is the CTC blank), and CTC
+    sums over every monotone alignment of the question's L tokens to the K soft tokens. Low loss = the soft tokens
+    spell the question in the target's own embedding space, in order. Rows with K < L (+ repeats) are infeasible and
+    count 0 (zero_infinity). soft (B, K, D), q_ids (B, L); mean over the batch of the per-token CTC loss."""
+    vocab = F_.normalize(torch.cat([embedding.detach(), blank[None].to(embedding.dtype)], dim=0).float(), dim=-1)
+    logits = F_.normalize(soft.float(), dim=-1) @ vocab.T / tau  # (B, K, V+1); blank = index V
+    order = torch.argsort((~soft_mask).to(torch.int8), dim=1, stable=True)  # real soft tokens first
+    logits = logits.gather(1, order[..., None].expand(-1, -1, logits.shape[-1]))
+    logp = torch.log_softmax(logits, -1).transpose(0, 1)  # (K, B, V+1) as ctc_loss wants
+    return F_.ctc_loss(logp, q_ids, soft_mask.sum(1), q_mask.sum(1), blank=embedding.shape[0], reduction="mean",
+                       zero_infinity=True)
 
 
 def info_nce(soft, soft_mask, q_emb, q_mask, tau: float) -> torch.Tensor:

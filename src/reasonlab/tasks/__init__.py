@@ -22,6 +22,7 @@ TASKS: dict[str, str] = {
     "wiki": "reasonlab.tasks.wiki:WikiTask",
     "arithmetic": "reasonlab.tasks.arithmetic:ArithmeticTask",
     "countdown": "reasonlab.tasks.countdown:CountdownTask",
+    "counting": "reasonlab.tasks.counting:CountingTask",  # latent bridge CPU task
     # owned by the TRM engineer
     "sudoku": "reasonlab.tasks.sudoku:SudokuTask",
     "arc-agi-1": "reasonlab.tasks.arc_agi:ArcAgiTask",

@@ -1,0 +1,629 @@
+"""Latent bridge: a frozen source model's hidden states -> trainable translator -> soft tokens a frozen target reads.
+
+What is implemented (models in reasonlab/models/bridge.py; peers: LatentWire = seed 001, C2C arXiv 2510.03215,
+Interlat arXiv 2511.09149):
+- Source: any HF model, decoder or encoder, frozen, read at `source.layers` (concatenated or averaged). It reads the
+  question (or the task's full prompt, `source.text: prompt`).
+- Translator: a cross-attention resampler (K learned queries) or a per-token MLP; soft tokens RMS-normalized and
+  scaled to the target's embedding RMS. Optional flow-matching DiT auxiliary (`dit.enabled`, weight `loss.dit`).
+- Target: frozen (LoRA optional, `target.lora.r`). Its prompt is the task's prompt with the question replaced by the
+  soft tokens (soft_only: the target never sees the question text) or by soft tokens followed by the question
+  (soft_plus_text). Curriculum: with `bridge.curriculum_steps` N, each training row shows the text with probability
+  1 - step/N (soft_plus_text -> soft_only); evaluation always uses `bridge.mode`.
+- Losses (each weighted, each in the gradient audit, each added exactly once): nll (answer teacher: NLL of the gold
+  answer), kl (prompt teacher: KL(target reading the REAL question text || bridged target) over the first k gold
+  answer tokens; the teacher is never a question-free prior — seed 001's was), align (soft tokens vs the target's
+  embeddings of the question tokens: cosine of the pooled vectors, or chamfer = nearest-neighbour cosine both ways),
+  infonce (symmetric InfoNCE of the pooled soft tokens vs the pooled question embeddings over the batch), separation (the gold answer must be `margin` nats/token likelier under the true source than under
+  a shuffled one), dit (flow-matching loss of the DiT reconstructing the question embeddings from the soft tokens).
+- Evaluation (validation before training, every `eval.every` steps, at the end; test ONCE at the end on the
+  best-on-validation checkpoint), all greedy, all scored by the task's scorer, every accuracy with a Wilson 95% CI,
+  on the same items: bridged; controls zero_source (the soft tokens replaced by zero vectors), shuffled_source (each
+  row gets the soft tokens of another row of its batch: a derangement), target_text (the target alone on the real
+  text); source alone when the source can generate. Unique-output ratio, invalid count, answer entropy, and soft-token
+  statistics (encoder/pairwise_cos, encoder/cross_sample_var ...) for every eval.
+- Run contract: metrics (train/*, grad/term/* via rl.audit every watch.audit_every steps, encoder/* soft-token stats,
+  eval/*, time/cpu_s = process CPU seconds), evals/<split>.<task>@step_N[+control=NAME], checkpoints of the bridge
+  (+ LoRA), resume, --time-limit, SIGTERM, --dry-run (tiny stand-in models when the configured ones are not available
+  offline), report.md at the end when reasonlab.diagnostics.report is installed.
+
+    reasonlab run configs/bridge/minilm-to-smollm2.yaml
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from reasonlab import dist
+from reasonlab.config import BaseConfig, EvalConfig, F, TrainConfig
+from reasonlab.diagnostics.watch import WatchConfig, Watcher, encoder_stats, record_train_ids
+from reasonlab.models.bridge import (Bridge, BridgeError, DiTConfig, Row, SourceConfig, TranslatorConfig, answer_logits,
+                                     answer_nll, assemble, ctc_alignment, curriculum_text_prob, derangement, greedy_from_embeds,
+                                     info_nce, kl_first_k, load_source, prompt_alignment, separation)
+from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config, reference
+from reasonlab.rl.audit import audit_terms
+from reasonlab.runs import Run
+
+SENTINEL = "\u2063BRIDGE_QUESTION\u2063"  # stands in for the question when the prompt template is split
+
+
+@dataclass
+class DataConfig:
+    task: str = F("word-arithmetic", "task name (reasonlab data lists them)")
+    task_args: dict = F({}, "constructor arguments of the task")
+    style: str = F("default", "prompt style: default | cot | markovian")
+    chat: bool = F(False, "wrap the target's prompt in its chat template")
+    answer: str = F("{gold}", "answer text the answer teacher scores; fields: gold and the example's meta keys")
+    max_answer_tokens: int = F(16, "teacher-forced answer tokens (longer answers are cut; EOS is appended)")
+    n_train: int = F(0, "use the first N training examples (0: all)")
+    val_split: str = F("validation", "split for periodic evals and checkpoint choice")
+    test_split: str = F("test", "split evaluated once at the end, on the best-on-validation checkpoint")
+
+
+@dataclass
+class MethodConfig:
+    mode: str = F("soft_only", "soft_only (the target never sees the question text) | soft_plus_text")
+    curriculum_steps: int = F(0, "soft_only: show the text with probability 1 - step/N during training (0: never)")
+
+    def __post_init__(self):
+        if self.mode not in ("soft_only", "soft_plus_text"):
+            raise ValueError(f"bridge.mode must be soft_only | soft_plus_text, got {self.mode!r}")
+        if self.curriculum_steps < 0:
+            raise ValueError("bridge.curriculum_steps must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    nll: float = F(1.0, "answer teacher: NLL of the gold answer given the soft tokens")
+    kl: float = F(0.0, "prompt teacher: KL(target reading the real question || bridged target)")
+    kl_tokens: int = F(4, "KL over the first k gold answer tokens")
+    kl_temperature: float = F(1.0, "temperature of both distributions in the KL")
+    align: float = F(0.0, "prompt alignment: soft tokens vs the target's embeddings of the question tokens")
+    align_mode: str = F("mean", "mean (cos of pooled vectors) | chamfer (nearest-neighbour cos, both directions) | "
+                                "ctc (the soft tokens spell the question's target tokens in order; needs K >= L)")
+    align_tau: float = F(0.05, "ctc alignment: temperature of the cosine logits over the target vocabulary")
+    infonce: float = F(0.0, "InfoNCE between pooled soft tokens and pooled question embeddings (one term)")
+    infonce_tau: float = F(0.1, "InfoNCE temperature")
+    separation: float = F(0.0, "true-vs-shuffled-source separation of the gold-answer NLL")
+    separation_margin: float = F(1.0, "separation margin in nats/token")
+    dit: float = F(0.0, "flow-matching DiT auxiliary (needs dit.enabled)")
+
+    def __post_init__(self):
+        for k in ("nll", "kl", "align", "infonce", "separation", "dit"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"loss.{k} must be >= 0")
+        if self.align_mode not in ("mean", "chamfer", "ctc"):
+            raise ValueError(f"loss.align_mode must be mean | chamfer | ctc, got {self.align_mode!r}")
+        if self.kl_tokens < 1 or self.kl_temperature <= 0 or self.infonce_tau <= 0:
+            raise ValueError("loss.kl_tokens must be >= 1 and loss.kl_temperature, loss.infonce_tau > 0")
+
+
+@dataclass
+class BridgeTrain(TrainConfig):
+    threads: int = F(0, "torch CPU threads (0: torch's default)")
+    device: str = F("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+
+
+@dataclass
+class BridgeEval(EvalConfig):
+    test_limit: int = F(0, "test examples in the final eval (0: all)")
+    max_new_tokens: int = F(8, "greedy decoding budget per answer")
+    batch_size: int = F(32, "rows per generation batch; the shuffled control permutes sources within one batch")
+    stop: list[str] = F(["\n"], "stop strings: the output is cut before the first")
+    source_alone: bool = F(True, "also evaluate the source alone on the text when it can generate")
+
+
+@dataclass
+class Config(BaseConfig):
+    method: str = F("bridge", "recipe name")
+    source: SourceConfig = F(SourceConfig, "frozen source model")
+    target: ModelConfig = F(ModelConfig, "frozen target model (LoRA optional)")
+    translator: TranslatorConfig = F(TranslatorConfig, "source states -> soft tokens")
+    dit: DiTConfig = F(DiTConfig, "flow-matching DiT auxiliary")
+    bridge: MethodConfig = F(MethodConfig, "soft_only | soft_plus_text and the curriculum")
+    loss: LossConfig = F(LossConfig, "loss weights (each term audited)")
+    data: DataConfig = F(DataConfig, "task and prompt format")
+    train: BridgeTrain = F(BridgeTrain, "optimization")
+    eval: BridgeEval = F(BridgeEval, "evaluation")
+    watch: WatchConfig = F(WatchConfig, "online alerts; watch.audit_every schedules the gradient audit")
+
+    def __post_init__(self):
+        if self.loss.dit > 0 and not self.dit.enabled:
+            raise ValueError("loss.dit > 0 needs the DiT: set dit.enabled: true (or loss.dit: 0)")
+        if (self.loss.separation > 0 or self.loss.infonce > 0) and self.train.batch_size < 2:
+            raise ValueError("loss.separation and loss.infonce compare rows of a batch: train.batch_size must be >= 2")
+        if self.eval.batch_size < 2:
+            raise ValueError("eval.batch_size must be >= 2 (the shuffled-source control permutes within a batch)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# prompts: the target's text prompt, and the same prompt split around the question
+
+
+class Prompter:
+    """Token ids of every input the recipe builds for an example (target tokenizer), cached per example id."""
+
+    def __init__(self, task, tok, cfg: Config):
+        self.task, self.tok, self.cfg = task, tok, cfg
+        self.eos = tok.eos_token_id
+        self._cache: dict[str, dict] = {}
+
+    def render(self, prompt: str) -> str:
+        if self.cfg.data.chat:
+            return self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+        return prompt
+
+    def ids(self, text: str, special: bool = False) -> list[int]:
+        return self.tok(text, add_special_tokens=special)["input_ids"]
+
+    def get(self, e) -> dict:
+        if e.id in self._cache:
+            return self._cache[e.id]
+        from dataclasses import replace
+
+        dc = self.cfg.data
+        text_prompt = self.render(self.task.prompt(e, dc.style))
+        template = self.render(self.task.prompt(replace(e, question=SENTINEL), dc.style))
+        if template.count(SENTINEL) != 1:
+            raise BridgeError(f"task {self.task.name!r}: its prompt does not contain the question exactly once, so the "
+                              "bridge cannot put soft tokens in its place; use a task whose prompt quotes the question")
+        before, after = template.split(SENTINEL)
+        try:
+            answer = dc.answer.format(gold=e.gold, **e.meta)
+        except KeyError as k:
+            raise BridgeError(f"data.answer uses {k} but examples of {self.task.name!r} only have gold and "
+                              f"{sorted(e.meta)}") from None
+        special = not dc.chat
+        entry = {
+            "text": self.ids(text_prompt, special),  # the target alone / the prompt teacher read this
+            "before": self.ids(before.rstrip(" "), special),
+            "after": self.ids(after),
+            "question": self.ids(" " + e.question),  # soft_plus_text; alignment/InfoNCE/DiT targets
+            "answer": self.ids(" " + answer.strip())[: dc.max_answer_tokens] + [self.eos],
+            "shown": before.rstrip(" ") + "[soft]" + after,
+            "text_prompt": text_prompt,
+        }
+        self._cache[e.id] = entry
+        return entry
+
+    def row(self, e, soft: torch.Tensor | None, show_text: bool, answer: bool) -> Row:
+        p = self.get(e)
+        return Row(p["before"], soft, p["question"] if show_text else [], p["after"], p["answer"] if answer else [])
+
+    def text_row(self, e, answer: bool) -> Row:
+        p = self.get(e)
+        return Row(p["text"], None, [], [], p["answer"] if answer else [])
+
+
+def source_texts(e_list, task, cfg: Config) -> list[str]:
+    if cfg.source.text == "question":
+        return [e.question for e in e_list]
+    return [task.prompt(e, cfg.data.style) for e in e_list]
+
+
+def question_ids(prompter: Prompter, exs, device) -> torch.Tensor:
+    """The question's target token ids, right-padded with 0: (B, L) (the mask comes from question_embeddings)."""
+    rows = [prompter.get(e)["question"] for e in exs]
+    L = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (L - len(r)) for r in rows], device=device)
+
+
+def question_embeddings(embedding, prompter: Prompter, exs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's input embeddings of each question's tokens: (B, L, Dt) right-padded, mask (B, L)."""
+    rows = [prompter.get(e)["question"] for e in exs]
+    L = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (L - len(r)) for r in rows], device=embedding.weight.device)  # (B, L)
+    mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=ids.device).bool()
+    return embedding(ids), mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one training batch -> weighted loss terms
+
+
+def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator) -> tuple[dict, dict]:
+    """{name: (weight, scalar loss)} for every term with a non-zero weight, and batch info (soft tokens, nll).
+    The total loss is sum(w * L) over this dict: each term is counted exactly once."""
+    cfg, source, bridge, target, prompter = ctx["cfg"], ctx["source"], ctx["bridge"], ctx["target"], ctx["prompter"]
+    lw = cfg.loss
+    emb = target.get_input_embeddings()
+    B = len(exs)
+    states, smask = source.encode(source_texts(exs, ctx["task"], cfg))  # (B, S, Ds), (B, S)
+    soft, soft_mask = bridge(states, smask)  # (B, K, Dt), (B, K)
+    p_text = curriculum_text_prob(step, cfg.bridge.mode, cfg.bridge.curriculum_steps)
+    show = (torch.rand(B, generator=gen) < p_text).tolist()
+    rows = [prompter.row(e, soft[i][soft_mask[i]], show[i], answer=True) for i, e in enumerate(exs)]
+    perm = None
+    if lw.separation > 0:  # the same rows with another row's soft tokens, in the same forward
+        perm = derangement(B, gen).tolist()
+        rows += [prompter.row(e, soft[perm[i]][soft_mask[perm[i]]], show[i], answer=True) for i, e in enumerate(exs)]
+    embeds, attn, labels = assemble(emb, rows, prompter.tok.pad_token_id or 0)  # (B or 2B, T, Dt)
+    logits, tgt, amask = answer_logits(target, embeds, attn, labels)  # (B', A, V), (B', A), (B', A)
+    nll_all = answer_nll(logits, tgt, amask)  # (B',)
+    nll = nll_all[:B]
+    terms: dict[str, tuple[float, torch.Tensor]] = {}
+    if lw.nll > 0:
+        terms["nll"] = (lw.nll, nll.mean())
+    if lw.kl > 0:  # the teacher reads the REAL question text (never a question-free prior)
+        with torch.no_grad():
+            t_emb, t_attn, t_lab = assemble(emb, [prompter.text_row(e, answer=True) for e in exs],
+                                            prompter.tok.pad_token_id or 0)
+            if hasattr(target, "disable_adapter"):
+                with reference(target):
+                    t_logits, _, _ = answer_logits(target, t_emb, t_attn, t_lab)
+            else:
+                t_logits, _, _ = answer_logits(target, t_emb, t_attn, t_lab)
+        terms["kl"] = (lw.kl, kl_first_k(logits[:B], t_logits, amask[:B], lw.kl_tokens, lw.kl_temperature))
+    if lw.align > 0 or lw.infonce > 0 or lw.dit > 0:
+        with torch.no_grad():
+            q_emb, q_mask = question_embeddings(emb, prompter, exs)  # (B, L, Dt), (B, L)
+        if lw.align > 0 and lw.align_mode == "ctc":
+            q_ids = question_ids(prompter, exs, soft.device)
+            terms["align"] = (lw.align, ctc_alignment(soft, soft_mask, q_ids, q_mask, emb.weight, bridge.blank,
+                                                      lw.align_tau))
+        elif lw.align > 0:
+            terms["align"] = (lw.align, prompt_alignment(soft, soft_mask, q_emb, q_mask, lw.align_mode))
+        if lw.infonce > 0:
+            terms["infonce"] = (lw.infonce, info_nce(soft, soft_mask, q_emb, q_mask, lw.infonce_tau))
+        if lw.dit > 0:
+            terms["dit"] = (lw.dit, bridge.dit.loss(q_emb, q_mask, soft, soft_mask, bridge.target_rms, gen))
+    if lw.separation > 0:
+        terms["separation"] = (lw.separation, separation(nll, nll_all[B:], lw.separation_margin))
+    info = {"soft": soft.detach(), "nll": nll.detach(), "nll_shuffled": nll_all[B:].detach() if perm else None,
+            "p_text": p_text, "shown_text": sum(show) / B}
+    return terms, info
+
+
+def total_loss(terms: dict) -> torch.Tensor:
+    return sum(w * v for w, v in terms.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluation: bridged + controls on the same items
+
+
+def decode_rows(ctx: dict, rows: list[Row]) -> list[str]:
+    cfg, target, prompter = ctx["cfg"], ctx["target"], ctx["prompter"]
+    eos = {prompter.eos} | ({target.generation_config.eos_token_id} if isinstance(
+        getattr(getattr(target, "generation_config", None), "eos_token_id", None), int) else set())
+    texts = []
+    for i in range(0, len(rows), cfg.eval.batch_size):
+        embeds, attn, _ = assemble(target.get_input_embeddings(), rows[i:i + cfg.eval.batch_size],
+                                   prompter.tok.pad_token_id or 0)
+        for ids in greedy_from_embeds(target, embeds, attn, cfg.eval.max_new_tokens, eos):
+            t = prompter.tok.decode(ids, skip_special_tokens=True)
+            cut = min((j for j in (t.find(s) for s in cfg.eval.stop if s) if j >= 0), default=-1)
+            texts.append(t[:cut] if cut >= 0 else t)
+    return texts
+
+
+def eval_chunks(n: int, bs: int) -> list[tuple[int, int]]:
+    """[start, end) chunks of at most bs rows, none of size 1 (a lone row has no other row to take a source from)."""
+    cuts = list(range(0, n, bs)) + [n]
+    spans = [(a, b) for a, b in zip(cuts, cuts[1:])]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+        spans[-2:] = [(spans[-2][0], spans[-2][1] - 1), (spans[-2][1] - 1, n)]
+    return spans
+
+
+def score_records(task, exs, outputs: list[str], prompts: list[str], extra: list[dict] | None = None) -> list[dict]:
+    recs = []
+    for i, (e, out, p) in enumerate(zip(exs, outputs, prompts)):
+        s = task.score(out, e)
+        recs.append({"id": e.id, "prompt": p, "output": out, "extracted": s.extracted, "gold": e.gold,
+                     "correct": s.correct, "valid": s.valid, "extractor": s.extractor, "extractions": s.extractions,
+                     "correct_by": s.correct_by, **(extra[i] if extra else {})})
+    return recs
+
+
+def summarize(records: list[dict]) -> dict:
+    from reasonlab.eval.metrics import accuracy, answer_entropy, invalid_rate, unique_answer_ratio
+
+    outs = [r["output"] for r in records]
+    answers = [r["extracted"] for r in records]
+    return {"accuracy": accuracy(r["correct"] for r in records).to_dict(),
+            "invalid_rate": invalid_rate(r["valid"] for r in records).to_dict(),
+            "invalid_count": sum(not r["valid"] for r in records),
+            "unique_output_ratio": {"value": len(set(outs)) / max(1, len(outs)), "n": len(outs), "lo": None,
+                                    "hi": None, "method": "none"},  # distinct outputs / outputs (descriptive)
+            "unique_answer_ratio": unique_answer_ratio(answers).to_dict(),
+            "answer_entropy_bits": answer_entropy(answers).to_dict()}
+
+
+@torch.no_grad()
+def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) -> dict:
+    """Bridged, zero_source, shuffled_source and target_text (and source alone) on the same `exs`; writes one eval
+    file each and returns {condition: summary}. `cache` keeps frozen-model results (target_text without LoRA, source
+    alone) per split so they are computed once."""
+    cfg, task, source, bridge, prompter, run = (ctx["cfg"], ctx["task"], ctx["source"], ctx["bridge"],
+                                                 ctx["prompter"], ctx["run"])
+    bridge.eval()
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    show = cfg.bridge.mode == "soft_plus_text"
+    rows = {"bridged": [], "zero_source": [], "shuffled_source": []}
+    src_of: list[str] = []
+    softs = []
+    for a, b in eval_chunks(len(exs), cfg.eval.batch_size):
+        chunk = exs[a:b]
+        states, smask = source.encode(source_texts(chunk, task, cfg))
+        soft, soft_mask = bridge(states, smask)  # (b, K, Dt), (b, K)
+        softs.append(soft)
+        perm = derangement(len(chunk), gen).tolist()  # row i reads row perm[i]'s source
+        for i, e in enumerate(chunk):
+            rows["bridged"].append(prompter.row(e, soft[i][soft_mask[i]], show, answer=False))
+            rows["zero_source"].append(prompter.row(e, torch.zeros_like(soft[i][soft_mask[i]]), show, answer=False))
+            rows["shuffled_source"].append(prompter.row(e, soft[perm[i]][soft_mask[perm[i]]], show, answer=False))
+            src_of.append(chunk[perm[i]].id)
+    frozen_text = cfg.target.lora.r == 0
+    if not (frozen_text and ("target_text", split) in cache):
+        rows["target_text"] = [prompter.text_row(e, answer=False) for e in exs]
+    flat = [r for rs in rows.values() for r in rs]
+    texts = decode_rows(ctx, flat)
+    outputs = {}
+    for k, rs in rows.items():
+        outputs[k], texts = texts[:len(rs)], texts[len(rs):]
+    bridge.train()
+
+    shown = [prompter.get(e)["shown"] for e in exs]
+    recs = {"bridged": score_records(task, exs, outputs["bridged"], shown),
+            "zero_source": score_records(task, exs, outputs["zero_source"], shown,
+                                         [{"soft": "zeros"} for _ in exs]),
+            "shuffled_source": score_records(task, exs, outputs["shuffled_source"], shown,
+                                             [{"source_id": s} for s in src_of])}
+    if "target_text" in outputs:
+        recs["target_text"] = score_records(task, exs, outputs["target_text"],
+                                            [prompter.get(e)["text_prompt"] for e in exs])
+        if frozen_text:
+            cache[("target_text", split)] = recs["target_text"]
+    else:
+        recs["target_text"] = cache[("target_text", split)]
+    if cfg.eval.source_alone and source.can_generate:
+        if ("source", split) not in cache:
+            cache[("source", split)] = source_alone(ctx, exs)
+        recs["source_alone"] = cache[("source", split)]
+
+    split_name = "val" if split == cfg.data.val_split else ("test" if split == cfg.data.test_split else split)
+    base = f"{split_name}.{task.name}@{'final' if final else f'step_{step}'}"
+    soft_stats = encoder_stats(torch.cat(softs)) if len(exs) >= 2 else {}
+    common = {"split": split_name, "step": step, "final": final, "task": task.name, "task_version": task.version,
+              "mode": cfg.bridge.mode, "decoding": "greedy", "max_new_tokens": cfg.eval.max_new_tokens,
+              "source": cfg.source.name, "target": cfg.target.name}
+    out = {}
+    for cond, rs in recs.items():
+        summary = {**common, "tag": base, "condition": cond, "metrics": summarize(rs)}
+        if cond == "bridged":
+            tag = base
+            summary["soft_tokens"] = soft_stats
+        elif cond == "source_alone":
+            tag = f"{split_name}.{task.name}.source@{'final' if final else f'step_{step}'}"
+            summary.update(tag=tag, role="source_alone", note="the source model alone on the text; not a control")
+        else:  # control naming per diagnostics/runfolder.py: "<base>+control=<name>", summary control + base
+            tag = f"{base}+control={cond}"
+            summary.update(tag=tag, control=cond, base=base)
+            if cond == "shuffled_source":
+                summary["note"] = "each row read the soft tokens of another row of its eval batch (source_id)"
+            if cond == "zero_source":
+                summary["note"] = "soft tokens replaced by zero vectors"
+        run.write_eval(tag, rs, summary)
+        out[cond] = summary
+    out["soft_stats"] = soft_stats
+    return out
+
+
+def source_alone(ctx: dict, exs) -> list[dict]:
+    """The source model answering the task prompt itself (greedy, same budget and stop strings)."""
+    from reasonlab.eval.generate import GenConfig, generate
+
+    cfg, task, source = ctx["cfg"], ctx["task"], ctx["source"]
+    prompts = [task.prompt(e, cfg.data.style) for e in exs]
+    gc = GenConfig(max_new_tokens=cfg.eval.max_new_tokens, stop=tuple(cfg.eval.stop), batch_size=cfg.eval.batch_size,
+                   progress=False)
+    samples = generate(source.model, source.tok, prompts, gc)
+    return score_records(task, exs, [s[0].text for s in samples], prompts)
+
+
+def eval_metrics(res: dict, prefix: str) -> dict:
+    m = {}
+    for cond, s in res.items():
+        if cond == "soft_stats":
+            m.update(s)
+            continue
+        acc = s["metrics"]["accuracy"]
+        p = prefix if cond == "bridged" else f"{prefix}/{cond}"
+        m.update({f"{p}/acc": acc["value"], f"{p}/acc_lo": acc["lo"], f"{p}/acc_hi": acc["hi"], f"{p}/n": acc["n"],
+                  f"{p}/invalid_count": s["metrics"]["invalid_count"],
+                  f"{p}/unique_output_ratio": s["metrics"]["unique_output_ratio"]["value"]})
+    return m
+
+
+def fmt(res: dict) -> str:
+    parts = []
+    for cond in ("bridged", "zero_source", "shuffled_source", "target_text", "source_alone"):
+        if cond in res:
+            a = res[cond]["metrics"]["accuracy"]
+            parts.append(f"{cond} {a['value']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]")
+    n = res["bridged"]["metrics"]["accuracy"]["n"]
+    uo = res["bridged"]["metrics"]["unique_output_ratio"]["value"]
+    return f"{'; '.join(parts)} (n={n}); bridged unique outputs {uo:.2f}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Example indices for `step`: epoch-wise seeded permutations, a pure function of (seed, step) (copied from sft)."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[i]))
+    return out
+
+
+def main(cfg: Config, run: Run) -> dict:
+    from reasonlab.tasks import get_task
+
+    # ---- setup ---------------------------------------------------------------------------------------------------
+    cpu0, wall0 = time.process_time(), time.time()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    dist.seed_everything(cfg.seed)
+    task = get_task(cfg.data.task, **cfg.data.task_args)
+    train = task.examples("train")
+    train = train[: cfg.data.n_train] if cfg.data.n_train else train
+    val = task.examples(cfg.data.val_split)
+    val = val[: cfg.eval.limit] if cfg.eval.limit else val
+    src_stand_in = run.dry_run and not is_available_offline(cfg.source.name)
+    tgt_stand_in = run.dry_run and not is_available_offline(cfg.target.name)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.train.device == "auto" else cfg.train.device
+    source = load_source(cfg.source, device=device, stand_in=src_stand_in)
+    target, tok = load_for_config(cfg.target, device=device, stand_in=tgt_stand_in)
+    for n, p in target.named_parameters():  # frozen; with LoRA only the adapter trains
+        p.requires_grad_("lora_" in n)
+    target.eval()  # no dropout in the frozen target
+    torch.manual_seed(cfg.seed)  # the bridge's init does not depend on what loading consumed
+    bridge = Bridge(source.dim, target.get_input_embeddings().weight, cfg.translator, cfg.dit,
+                    ctc_blank=cfg.loss.align > 0 and cfg.loss.align_mode == "ctc").to(device)
+    prompter = Prompter(task, tok, cfg)
+    ctx = {"cfg": cfg, "task": task, "source": source, "target": target, "bridge": bridge, "prompter": prompter,
+           "run": run}
+    params = [p for p in bridge.parameters() if p.requires_grad] + \
+             [p for p in target.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    def lr_factor(step: int) -> float:
+        return min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps else 1.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+    def step_gen(step: int) -> torch.Generator:  # curriculum draws, shuffles, DiT noise: a pure function of (seed, step)
+        return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+
+    n_bridge = sum(p.numel() for p in bridge.parameters())
+    t_train, t_total = count_parameters(target)
+    dist.print0(f"source {cfg.source.name}{' (tiny stand-in)' if src_stand_in else ''} (dim {source.dim}, "
+                f"layers {source.cfg.layers}); target {cfg.target.name}{' (tiny stand-in)' if tgt_stand_in else ''} "
+                f"({t_train:,} trainable / {t_total:,}); bridge {cfg.translator.kind} {n_bridge:,} parameters; "
+                f"task {task.name}: {len(train)} train, {len(val)} validation; mode {cfg.bridge.mode}")
+
+    def batch_for(step: int):
+        return [train[i] for i in batch_indices(step, cfg.train.batch_size, len(train), cfg.seed)]
+
+    if run.dry_run:  # two examples (the fewest the shuffled/contrastive terms need): a laptop check, not a benchmark
+        exs = batch_for(0)[:2]
+        terms, info = loss_terms(ctx, exs, 0, step_gen(0))
+        audit = audit_terms(terms, params)
+        loss = float(total_loss(terms).detach())
+        shown = prompter.get(exs[0])["shown"]
+        dist.print0(f"dry run: soft tokens {tuple(info['soft'].shape)}, loss {loss:.4f}\n{audit.table()}\n"
+                    f"bridged prompt (end): {('...' if len(shown) > 300 else '') + shown[-300:]!r}\nnothing trained")
+        return {"dry_run": True, "bridge_params": n_bridge, "loss": loss,
+                "terms": {k: float(v.detach()) for k, (_, v) in terms.items()}}
+
+    record_train_ids(run, [e.id for e in train])
+    watcher = Watcher(run, cfg.watch)
+    modules = {"bridge": bridge} | ({"target": target} if cfg.target.lora.r > 0 else {})
+    start, best = 0, {"acc": -1.0, "step": -1}
+    if run.resume_from is not None:
+        state = run.resume_from.restore(modules=modules, optimizer=opt, scheduler=sched)
+        start, best = state["step"], state["best"]
+        dist.print0(f"resumed from {run.resume_from.path} at step {start}")
+
+    def save(step: int, name: str | None = None):
+        run.save_checkpoint(step, modules=modules, optimizer=opt, scheduler=sched, name=name,
+                            state={"best": best, "selected_on": "val", "metric": f"eval/{task.name}/acc"})
+
+    cache: dict = {}
+
+    def validate(step: int) -> float:
+        with run.phase("eval"):
+            res = evaluate(ctx, val, cfg.data.val_split, step, False, cache)
+        run.log(step, {**eval_metrics(res, f"eval/{task.name}"), "time/cpu_s": time.process_time() - cpu0})
+        dist.print0(f"step {step}: validation {fmt(res)}")
+        return res["bridged"]["metrics"]["accuracy"]["value"]
+
+    def periodic(step: int) -> bool:  # eval.every <= 0: no periodic evals (-1 also skips the one before training)
+        return cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < cfg.train.steps
+
+    n_test = cfg.eval.test_limit or len(task.examples(cfg.data.test_split))
+    run.final_eval_scale = 1.0 + n_test / max(1, len(val))
+    if start == 0 and cfg.eval.every >= 0:
+        best = {"acc": validate(0), "step": 0}
+        save(0, name="best")
+
+    # ---- train ---------------------------------------------------------------------------------------------------
+    step, t_last = start, time.time()
+    bridge.train()
+    while step < cfg.train.steps:
+        if run.should_stop(step):
+            break
+        exs = batch_for(step)
+        terms, info = loss_terms(ctx, exs, step, step_gen(step))
+        metrics = {}
+        if cfg.watch.audit_every and step % cfg.watch.audit_every == 0:  # each weighted term's gradient alone
+            metrics.update(audit_terms(terms, params).metrics())
+        loss = total_loss(terms)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.train.log_every == 0 or step == 1:
+            now = time.time()
+            metrics.update({"train/loss": float(loss.detach()), "train/grad_norm": float(gnorm),
+                            "train/lr": sched.get_last_lr()[0], "train/p_text": info["p_text"],
+                            "train/nll": float(info["nll"].mean()), "time/step_s": (now - t_last),
+                            "time/cpu_s": time.process_time() - cpu0, "time/wall_s": now - wall0,
+                            **{f"train/term/{k}": float(v.detach()) for k, (_, v) in terms.items()},
+                            **encoder_stats(info["soft"])})
+            if info["nll_shuffled"] is not None:
+                metrics["train/nll_shuffled"] = float(info["nll_shuffled"].mean())
+        t_last = time.time()
+        if metrics:
+            run.log(step, metrics)
+            if watcher.step(step, metrics):
+                break
+        if periodic(step):
+            acc = validate(step)
+            if acc > best["acc"]:
+                best = {"acc": acc, "step": step}
+                save(step, name="best")
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            save(step)
+
+    # ---- final: validation, then test once on the best-on-validation checkpoint ----------------------------------
+    save(step)
+    if run.stop_reason in ("SIGTERM", "SIGINT"):
+        return {"final_step": step, "stopped": run.stop_reason}
+    if step > 0 and not periodic(step):  # (a stop right after a periodic eval needs no second one)
+        acc = validate(step)
+        if acc > best["acc"]:
+            best = {"acc": acc, "step": step}
+            save(step, name="best")
+    if best["step"] != step:
+        from reasonlab.runs import open_checkpoint
+
+        open_checkpoint(run.dir / "checkpoints" / "best").restore(modules=modules, rng=False)
+    test = task.examples(cfg.data.test_split)
+    test = test[: cfg.eval.test_limit] if cfg.eval.test_limit else test
+    with run.phase("eval"):
+        res = evaluate(ctx, test, cfg.data.test_split, best["step"], True, cache)
+    cpu = time.process_time() - cpu0
+    run.log(step, {**eval_metrics(res, f"test/{task.name}"), "time/cpu_s": cpu, "time/wall_s": time.time() - wall0})
+    dist.print0(f"test (checkpoint chosen on validation, step {best['step']}): {fmt(res)}; "
+                f"process CPU {cpu / 60:.1f} min")
+    try:
+        from reasonlab.diagnostics.report import write_report
+    except ImportError:
+        write_report = None
+    if write_report is not None:
+        write_report(run.dir)
+    return {"final_step": step, "best_step": best["step"], "best_val_acc": best["acc"], "cpu_s": round(cpu, 1),
+            "test": {c: res[c]["metrics"]["accuracy"] for c in res if c != "soft_stats"},
+            "test_unique_output_ratio": res["bridged"]["metrics"]["unique_output_ratio"]["value"]}

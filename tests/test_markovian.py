@@ -67,6 +67,24 @@ def test_pack_rows_and_group_stats_match_group_standardize():
     assert M.answer_in_text("C", "the answer is C") and not M.answer_in_text("C", "CAT")
 
 
+def test_shared_prefix_forward_equals_one_copy_per_row_values_and_gradients():
+    ctx = tiny_ctx()
+    ro = one_rollout(ctx, n_questions=2)
+    rows = list(range(len(ro.exs)))
+    params = trainable(ctx.model)
+    res = {}
+    for share in (True, False):
+        ctx.cfg.rl.share_prefix = share
+        f = MK.forward_terms(ctx, ro, rows, actor_grad=True)
+        total = f["lp"].sum() + f["R"].sum()
+        res[share] = f, torch.autograd.grad(total, params)
+    (a, ga), (b, gb) = res[True], res[False]
+    for k in ("lp", "logits", "R", "ref_lp", "ref_logits", "mask"):
+        torch.testing.assert_close(a[k], b[k], atol=1e-9, rtol=1e-7, msg=k)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)  # the float32 RMSNorm inside the model
+
+
 def test_actor_reward_gradient_is_nonzero_and_matches_finite_differences():
     ctx = tiny_ctx()
     ro = one_rollout(ctx)

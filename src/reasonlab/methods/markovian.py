@@ -97,6 +97,8 @@ class RLConfig:
     ref_cot: str = F("greedy", "CoT_ref of the baseline ln pi_ref(answer|CoT_ref): greedy (cached per question) | "
                      "sampled | none")
     answer_logprob: str = F("mean", "mean | sum of the answer tokens' log-probs (public code: mean)")
+    share_prefix: bool = F(True, "run a group's common prompt once and share its keys/values (with gradient) across "
+                           "its G rows; false = every row carries a copy (same numbers up to rounding, more compute)")
     min_std: float = F(0.01, "floor of the group std in the advantage denominator (0 = none)")
     adv_eps: float = F(1e-6, "epsilon added to the advantage denominator")
     agg: str = F("seq_mean", "token aggregation of the pg/ppo/ei/kl terms: seq_mean | seq_sum | token_mean")
@@ -159,6 +161,9 @@ class Config(BaseConfig):
         if self.model.lora.dropout != 0:
             raise ValueError("markovian needs model.lora.dropout: 0 (the scored policy must be the sampling policy "
                              "for REINFORCE and for the PPO ratio)")
+        if self.rl.share_prefix and self.model.gradient_checkpointing:
+            raise ValueError("rl.share_prefix needs a KV cache, which gradient checkpointing turns off: set "
+                             "rl.share_prefix: false or model.gradient_checkpointing: false")
         if self.train.batch_size % self.rl.group_size:
             raise ValueError(f"train.batch_size {self.train.batch_size} must be a multiple of rl.group_size "
                              f"{self.rl.group_size}")
@@ -242,8 +247,10 @@ def ref_answer_logp(ctx: Ctx, e: Example, step: int, slot: int) -> float:
 
 @dataclass
 class Rollout:
-    exs: list[Example]  # one per row (B,), G adjacent rows per question
+    G: int  # CoTs per question (rows of one group are adjacent)
+    exs: list[Example]  # one per row (B,)
     cots: list[list[int]]  # (B, K) sampled CoT token ids
+    cot_t: torch.Tensor  # the same as a (B, K) tensor
     cot_rows: M.Rows  # (question prompt, CoT); segment 1 = CoT, the last K tokens of every row
     ans_rows: M.Rows  # (scoring prefix, CoT, "\nAnswer:", " gold"); segment 3 = answer
     ref_logp: torch.Tensor  # (B,) ln pi_ref(answer | CoT_ref) of the row's question
@@ -260,22 +267,50 @@ def rollout(ctx: Ctx, step: int, slots: list[int], questions: list[Example], G: 
         cots += group
         ref += [r] * G
     cot_rows = M.pack_rows([(ctx.question_ids(e), c) for e, c in zip(exs, cots)], ctx.tok.pad_token_id)
-    return Rollout(exs, cots, cot_rows, ctx.answer_rows(exs, cots), torch.tensor(ref))
+    if any(len(c) != ctx.cfg.data.cot_tokens for c in cots):  # EOS is masked and there are no stop strings
+        raise RuntimeError(f"a CoT is not {ctx.cfg.data.cot_tokens} tokens long")
+    return Rollout(G, exs, cots, torch.tensor(cots), cot_rows, ctx.answer_rows(exs, cots), torch.tensor(ref))
 
 
 def forward_terms(ctx: Ctx, ro: Rollout, rows: list[int], *, actor_grad: bool, with_ref: bool = True) -> dict:
-    """Policy forwards on rollout rows `rows`: CoT token log-probs + logits (grad), answer reward R (grad when
-    actor_grad), and the reference's CoT logits (no grad) for the KL. Shapes: lp/mask (b, K), logits (b, K, V)."""
+    """Policy forwards on rollout rows `rows` (whole groups): CoT token log-probs + logits (grad), answer reward R (grad
+    when actor_grad), and the reference's CoT log-probs/logits (no grad) for the KL. Shapes: lp/mask (b, K), logits
+    (b, K, V), R (b,). With rl.share_prefix a group's common prompt is run once (rl.markovian.shared_prefix_logprobs)."""
+    rl, K = ctx.cfg.rl, ctx.cfg.data.cot_tokens
+    act = actor_grad and torch.is_grad_enabled()
+    out: dict[str, list] = {"lp": [], "logits": [], "R": [], "ref_lp": [], "ref_logits": []}
+    if rl.share_prefix and ro.G > 1:
+        sep = torch.tensor(ctx.ids("\nAnswer:"))
+        for start in range(0, len(rows), ro.G):
+            g = rows[start:start + ro.G]
+            e, cots = ro.exs[g[0]], ro.cot_t[g]  # (G, K)
+            q = ctx.question_ids(e)
+            lp, logits = M.shared_prefix_logprobs(ctx.model, q, cots, K)  # (G, K), (G, K, V)
+            ans = torch.tensor(ctx.ids(" " + e.gold))
+            suffix = torch.cat([cots, sep.expand(len(g), -1), ans.expand(len(g), -1)], dim=1)  # (G, K + |sep| + |ans|)
+            with torch.set_grad_enabled(act):
+                alp, _ = M.shared_prefix_logprobs(ctx.model, ctx.scoring_prefix_ids(e), suffix, len(ans))  # (G, |ans|)
+            out["R"].append(alp.mean(-1) if rl.answer_logprob == "mean" else alp.sum(-1))
+            out["lp"].append(lp)
+            out["logits"].append(logits)
+            if with_ref:
+                with torch.no_grad(), reference(ctx.model):
+                    rlp, rlogits = M.shared_prefix_logprobs(ctx.model, q, cots, K)
+                out["ref_lp"].append(rlp)
+                out["ref_logits"].append(rlogits)
+        res = {k: torch.cat(v) for k, v in out.items() if v}
+        res["mask"] = torch.ones(res["lp"].shape)  # (b, K) float, as pack_rows masks: every CoT is exactly K tokens
+        return res
     cr, ar = ro.cot_rows.select(rows), ro.ans_rows.select(rows)
     _, lp, logits, mask = M.segment_logprob(ctx.model, cr, 1, return_tokens=True)  # (b, K), (b, K, V), (b, K)
-    with torch.set_grad_enabled(actor_grad and torch.is_grad_enabled()):
-        R = M.segment_logprob(ctx.model, ar, 3, ctx.cfg.rl.answer_logprob)  # (b,)
-    out = {"lp": lp, "logits": logits, "mask": mask, "R": R}
+    with torch.set_grad_enabled(act):
+        R = M.segment_logprob(ctx.model, ar, 3, rl.answer_logprob)  # (b,)
+    res = {"lp": lp, "logits": logits, "mask": mask, "R": R}
     if with_ref:
         with torch.no_grad(), reference(ctx.model):
             _, ref_lp, ref_logits, _ = M.segment_logprob(ctx.model, cr, 1, return_tokens=True)
-        out.update(ref_lp=ref_lp, ref_logits=ref_logits)
-    return out
+        res.update(ref_lp=ref_lp, ref_logits=ref_logits)
+    return res
 
 
 def loss_terms(ctx: Ctx, f: dict, ref_logp: torch.Tensor, mean: torch.Tensor, denom: torch.Tensor, adv: torch.Tensor,
@@ -561,7 +596,7 @@ def main(cfg: Config, run: Run) -> dict:
     if start == 0 and cfg.eval.every >= 0:
         best = {"acc": eval_on(val, "val_step0", 0, "eval")["metrics"]["accuracy"]["value"], "step": 0}
         if cfg.eval.test_baseline:
-            eval_on(test, "test_base_step0", 0, "base")
+            eval_on(test, "test_base_step0", 0, "test_base")
         save(0, name="best")
 
     # ---- train ---------------------------------------------------------------------------------------------------

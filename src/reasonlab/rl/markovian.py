@@ -97,6 +97,39 @@ def segment_logprob(model, rows: Rows, segment: int, agg: str = "mean", return_t
     return (out, lp, logits, m) if return_tokens else out
 
 
+def shared_prefix_logprobs(model, prefix: list[int], suffixes: torch.Tensor, last: int):
+    """Rows = prefix + suffixes[i] for G suffixes of one length S; the prefix is run ONCE and its keys/values are
+    repeated for the G rows (DynamicCache.batch_repeat_interleave, differentiable: the gradient through the shared
+    prefix is the sum over rows, as if every row carried its own copy). Returns the log-probs (G, last) and float
+    logits (G, last, V) of the last `last` suffix tokens (last <= S), as token_logprobs(..., last=last) would on the
+    concatenated rows — up to float rounding — at (P + G S) / (G (P + S)) of the compute.
+    """
+    from transformers import DynamicCache
+
+    G, S = suffixes.shape
+    P = len(prefix)
+    if not 0 < last <= S:
+        raise ValueError(f"last={last} must be in [1, {S}]")
+    dev = suffixes.device
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=torch.tensor([prefix], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:]  # (1, 1, V): predicts suffix token 0
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)  # (1, H, P, D) -> (G, H, P, D) per layer
+    attn = torch.ones((G, P + S), dtype=torch.long, device=dev)
+    pos = torch.arange(P, P + S, device=dev).expand(G, S)  # (G, S)
+    if last < S:  # suffix positions S-last-1 .. S-2 predict suffix tokens S-last .. S-1
+        logits = model(input_ids=suffixes, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=last + 1).logits[:, :-1]  # (G, last, V)
+    else:  # token 0 comes from the prefix's last position
+        rest = model(input_ids=suffixes, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                     use_cache=True, logits_to_keep=S).logits[:, :-1]  # (G, S-1, V)
+        logits = torch.cat([first.expand(G, 1, first.shape[-1]), rest], dim=1)  # (G, S, V)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    lp = torch.log_softmax(logits, -1).gather(-1, suffixes[:, -last:].unsqueeze(-1)).squeeze(-1)  # (G, last)
+    return lp, logits
+
+
 def group_stats(rewards: torch.Tensor, group_size: int, *, min_std: float = 0.0, eps: float = 1e-6,
                 scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (mean, denominator) of the row's group, both DETACHED. rewards (B,) -> (B,), (B,).

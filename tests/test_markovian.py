@@ -67,6 +67,19 @@ def test_pack_rows_and_group_stats_match_group_standardize():
     assert M.answer_in_text("C", "the answer is C") and not M.answer_in_text("C", "CAT")
 
 
+def test_token_logprobs_last_n_equals_the_tail_of_the_full_computation():
+    from reasonlab.rl.policy import token_logprobs
+
+    ctx = tiny_ctx()
+    rows = M.pack_rows([([5, 17, 42], [9, 3, 8]), ([11], [12, 13, 14])], ctx.tok.pad_token_id)
+    full, full_logits = token_logprobs(ctx.model, rows.ids, rows.attn, return_logits=True)  # (2, 5), (2, 5, V)
+    tail, tail_logits = token_logprobs(ctx.model, rows.ids, rows.attn, return_logits=True, last=3)  # (2, 3)
+    torch.testing.assert_close(tail, full[:, -3:])
+    torch.testing.assert_close(tail_logits, full_logits[:, -3:])
+    r = M.segment_logprob(ctx.model, rows, 1, "sum")
+    torch.testing.assert_close(r, (full * rows.seg_mask[1]).sum(-1))
+
+
 def test_shared_prefix_forward_equals_one_copy_per_row_values_and_gradients():
     ctx = tiny_ctx()
     ro = one_rollout(ctx, n_questions=2)
@@ -160,6 +173,24 @@ def test_ppo_ratio_is_exactly_one_at_the_first_minibatch_and_dual_clip_bounds_th
     terms, st = MK.loss_terms(ctx, f, ro.ref_logp[rows], mean, denom, adv, old["lp"] - 5.0)
     assert st["ppo/ratio_max"].item() > 100
     assert terms["pg"].item() == pytest.approx(3.0 * adv.abs().mean().item(), rel=1e-5)  # seq_mean of c |A|
+
+
+def test_ablations_non_markovian_prompt_and_expert_iteration_selection():
+    ctx = tiny_ctx(dtype=torch.float32)
+    e = ctx.task.examples("train")[0]
+    redacted = ctx.tok.decode(ctx.scoring_prefix_ids(e))
+    assert "<Redacted>" in redacted and e.question not in redacted
+    ctx_nm = tiny_ctx("rl.markovian=false", dtype=torch.float32)
+    shown = ctx_nm.tok.decode(ctx_nm.scoring_prefix_ids(e))
+    assert e.question in shown and "<Redacted>" not in shown
+    ei = tiny_ctx("rl.loss=ei", "rl.ei_min_adv=0.5", "rl.actor_reward_weight=0", dtype=torch.float32)
+    ro = one_rollout(ei)
+    f = MK.forward_terms(ei, ro, list(range(4)), actor_grad=False)
+    adv = torch.tensor([1.2, -0.3, 0.6, -1.5])
+    terms, st = MK.loss_terms(ei, f, ro.ref_logp, torch.zeros(4), torch.ones(4), adv)
+    nll = -(f["lp"] * f["mask"]).sum(-1) / f["mask"].sum(-1)  # (4,)
+    assert terms["pg"].item() == pytest.approx(((nll[0] + nll[2]) / 2).item(), rel=1e-6)
+    assert st["ei/selected_frac"].item() == 0.5
 
 
 def run_recipe(tmp: Path, *overrides: str) -> tuple[Path, dict]:

@@ -267,7 +267,9 @@ def test_two_processes_under_accelerate_launch_match_one_process(golden_run, tmp
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
     l1 = {r["step"]: r["train/loss"] for r in metrics_rows(run1) if "train/loss" in r}
     l2 = {r["step"]: r["train/loss"] for r in metrics_rows(run2) if "train/loss" in r}
-    assert l1.keys() == l2.keys() and all(l1[s] == pytest.approx(l2[s], rel=1e-4, abs=1e-6) for s in l1)
+    # float rounding differs (one batch of 2 groups vs 2 processes x 1 group); step 2 divides reward differences by a
+    # small group std, which amplifies it
+    assert l1.keys() == l2.keys() and all(l1[s] == pytest.approx(l2[s], rel=1e-3) for s in l1)
 
 
 PAPER_CONFIGS = ["gsm8k", "svamp", "aqua", "mathqa", "mmlu", "arc", "arithmetic", "wiki"]

@@ -140,6 +140,7 @@ class MarkovianEval(EvalConfig):
 
 @dataclass
 class MarkovianTrain(TrainConfig):
+    batch_size: int = F(12, "CoTs per step, global (paper: 12 = one question x 12 CoTs); questions = batch / rl.group_size")
     schedule: str = F("constant", "learning-rate schedule after warm-up: constant | cosine")
     threads: int = F(0, "torch CPU threads per process (0: torch's default)")
 

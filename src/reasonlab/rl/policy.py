@@ -22,18 +22,34 @@ AGGREGATIONS = ("seq_mean", "token_mean", "seq_sum")
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                   return_logits: bool = False, position_ids: torch.Tensor | None = None):
+                   return_logits: bool = False, position_ids: torch.Tensor | None = None, last: int | None = None):
     """Log-prob of each next token under `model`. Returns (B, T-1) [and the (B, T-1, V) float32 logits].
 
     Position t of the result scores input_ids[:, t+1] given input_ids[:, :t+1]. Left padding is fine when the
     attention mask marks it; positions are derived from the mask so padded rows match unpadded ones.
+    `last=n` scores only the last n tokens: results are (B, n) [and (B, n, V)], column j scoring input_ids[:, T-n+j],
+    and the model computes logits for those positions only (HF `logits_to_keep`), so memory is O(n V), not O(T V).
     """
     if position_ids is None and attention_mask is not None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    logits = out.logits[:, :-1].float()  # (B, T-1, V)
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    if last is not None:
+        if not 0 < last < input_ids.shape[1]:
+            raise ValueError(f"last={last} must be in [1, {input_ids.shape[1] - 1}] for sequences of {input_ids.shape[1]}")
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=last + 1)
+        logits = _upcast(out.logits[:, -(last + 1):-1])  # (B, last, V): predictions of the last `last` tokens
+        targets = input_ids[:, -last:]  # (B, last)
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        logits = _upcast(out.logits[:, :-1])  # (B, T-1, V)
+        targets = input_ids[:, 1:]  # (B, T-1)
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1) or (B, last)
     return (lp, logits) if return_logits else lp
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> float32 for log-softmax; float64 stays float64 (finite-difference tests)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -70,12 +86,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, agg: str = "seq_mean") -> t
 
 
 def group_standardize(rewards: torch.Tensor, group_size: int | None = None, eps: float = 1e-6,
-                      scale: bool = True) -> torch.Tensor:
+                      scale: bool = True, min_std: float = 0.0) -> torch.Tensor:
     """(R - mean) / (std + eps) within consecutive groups of `group_size` (None: the whole batch). (B,) -> (B,).
 
     The mean and std are DETACHED: if `rewards` carries a gradient (the Markovian actor-reward term), it flows through
     R itself. Without the detach, sum(A) = 0 within a group and the gradient of mean(A) is identically zero — the bug in
     the public Markovian code. A group whose rewards are all equal gets advantage 0. `scale=False` only centres (Dr GRPO).
+    `min_std` floors the std (denominator max(std, min_std) + eps): with a reward that carries gradient, a near-tied
+    group would otherwise scale it by ~1/eps.
     """
     B = rewards.shape[0]
     g = B if group_size is None else group_size
@@ -86,7 +104,7 @@ def group_standardize(rewards: torch.Tensor, group_size: int | None = None, eps:
     out = r - mean
     if scale:
         std = r.detach().std(-1, keepdim=True, unbiased=False) if g > 1 else torch.zeros_like(mean)
-        out = out / (std + eps)
+        out = out / (std.clamp(min=min_std) + eps)
     return out.view(B)
 
 

@@ -1,0 +1,198 @@
+"""Pure pieces of Markovian chain-of-thought training (Viteri et al., "Markovian Transformers for Informative Language
+Modeling"): token-row packing, the answer log-prob reward, group statistics with a detached mean/std, the actor-reward
+term, within-group expert-iteration selection, and rollout checks. Nothing here samples, logs or owns an optimizer.
+
+    rows = pack_rows([(ctx_ids, answer_ids)], pad)          # left-padded (B, T) + a mask per segment
+    R = segment_logprob(model, rows, segment=1)             # (B,) ln pi(answer | redacted prompt + CoT)
+    mean, denom = group_stats(R.detach(), group_size=G, min_std=0.01)
+    A = (R - mean) / denom                                  # value = standardized reward, gradient = dR / denom
+    actor = actor_reward_loss(A)                            # -mean(A): its gradient flows through ln pi(answer | CoT)
+
+The paper's loss is  -ln u(CoT | q) * A.detach() - A + kl_coef * KL(u || u_ref)  with A standardized using a mean/std
+that carry no gradient. With a mean/std that DO carry gradient (the public code), sum_i A_i = 0 in every group and the
+gradient of -mean(A) is identically zero; the public code also computed ln pi(answer | CoT) under no_grad. Both make the
+actor-reward term dead; `group_stats` returns plain detached tensors so neither can happen here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from reasonlab.rl.policy import token_logprobs
+
+
+@dataclass
+class Rows:
+    """A left-padded batch of token rows made of segments; `seg_mask[k]` marks segment k's tokens as TARGETS, i.e. on
+    the (B, T-1) grid of token_logprobs (position t scores ids[:, t+1])."""
+
+    ids: torch.Tensor  # (B, T) token ids, left-padded
+    attn: torch.Tensor  # (B, T) 1 on real tokens
+    seg_mask: list[torch.Tensor]  # per segment: (B, T-1) float, 1.0 where the predicted token belongs to the segment
+
+    def to(self, device) -> "Rows":
+        return Rows(self.ids.to(device), self.attn.to(device), [m.to(device) for m in self.seg_mask])
+
+    def select(self, idx) -> "Rows":
+        """Rows idx (a list or tensor of row indices), re-trimmed so no column is padding in every row."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        ids, attn = self.ids[idx], self.attn[idx]
+        first = int(attn.argmax(-1).min()) if attn.numel() else 0  # leftmost real token over the selected rows
+        return Rows(ids[:, first:], attn[:, first:], [m[idx][:, first:] for m in self.seg_mask])
+
+
+def pack_rows(rows: list[tuple[list[int], ...]], pad_id: int) -> Rows:
+    """Each row is a tuple of segments (lists of token ids) concatenated in order; rows are left-padded to one length.
+
+    Left padding keeps every row's last token at the same column, and token_logprobs derives positions from the mask, so
+    a padded row scores exactly like the unpadded row. Segment 0 is context; masks are returned for every segment.
+    """
+    if not rows:
+        raise ValueError("pack_rows needs at least one row")
+    n_seg = len(rows[0])
+    full = [sum((list(s) for s in r), []) for r in rows]
+    T = max(len(f) for f in full)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)  # which segment each column holds (-1 = padding)
+    for i, (r, f) in enumerate(zip(rows, full)):
+        if len(r) != n_seg:
+            raise ValueError(f"row {i} has {len(r)} segments, row 0 has {n_seg}")
+        off = T - len(f)
+        ids[i, off:] = torch.tensor(f, dtype=torch.long)
+        attn[i, off:] = 1
+        pos = off
+        for k, s in enumerate(r):
+            seg[i, pos:pos + len(s)] = k
+            pos += len(s)
+    tgt = seg[:, 1:]  # (B, T-1): the segment of the token each position predicts
+    return Rows(ids, attn, [(tgt == k).float() for k in range(n_seg)])
+
+
+def segment_span(rows: Rows, segment: int) -> int:
+    """How many trailing positions of the (B, T-1) target grid cover every token of `segment` in every row."""
+    cols = rows.seg_mask[segment].sum(0).nonzero()
+    if cols.numel() == 0:
+        raise ValueError(f"segment {segment} is empty in every row")
+    return rows.seg_mask[segment].shape[1] - int(cols.min())
+
+
+def segment_logprob(model, rows: Rows, segment: int, agg: str = "mean", return_tokens: bool = False):
+    """ln pi(segment tokens | everything before them) per row: (B,), by `agg` = "mean" (per-token average, as the public
+    Markovian code scores answers) or "sum" (the sequence log-likelihood). Only the trailing positions that hold the
+    segment are scored (logits_to_keep), so a long prompt costs no (T, V) logits. With return_tokens, also the per-token
+    log-probs (B, n), float logits (B, n, V) and the segment mask (B, n) of those n trailing positions. Gradient flows
+    when the caller has grad enabled."""
+    if agg not in ("mean", "sum"):
+        raise ValueError(f"answer log-prob aggregation must be 'mean' or 'sum', got {agg!r}")
+    n = segment_span(rows, segment)
+    lp, logits = token_logprobs(model, rows.ids, rows.attn, return_logits=True, last=n)  # (B, n), (B, n, V)
+    m = rows.seg_mask[segment][:, -n:]  # (B, n)
+    total = (lp * m).sum(-1)  # (B,)
+    out = total / m.sum(-1).clamp(min=1.0) if agg == "mean" else total
+    return (out, lp, logits, m) if return_tokens else out
+
+
+def shared_prefix_logprobs(model, prefix: list[int], suffixes: torch.Tensor, last: int):
+    """Rows = prefix + suffixes[i] for G suffixes of one length S; the prefix is run ONCE and its keys/values are
+    repeated for the G rows (DynamicCache.batch_repeat_interleave, differentiable: the gradient through the shared
+    prefix is the sum over rows, as if every row carried its own copy). Returns the log-probs (G, last) and float
+    logits (G, last, V) of the last `last` suffix tokens (last <= S), as token_logprobs(..., last=last) would on the
+    concatenated rows — up to float rounding — at (P + G S) / (G (P + S)) of the compute.
+    """
+    from transformers import DynamicCache
+
+    G, S = suffixes.shape
+    P = len(prefix)
+    if not 0 < last <= S:
+        raise ValueError(f"last={last} must be in [1, {S}]")
+    dev = suffixes.device
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=torch.tensor([prefix], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:]  # (1, 1, V): predicts suffix token 0
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)  # (1, H, P, D) -> (G, H, P, D) per layer
+    attn = torch.ones((G, P + S), dtype=torch.long, device=dev)
+    pos = torch.arange(P, P + S, device=dev).expand(G, S)  # (G, S)
+    if last < S:  # suffix positions S-last-1 .. S-2 predict suffix tokens S-last .. S-1
+        logits = model(input_ids=suffixes, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=last + 1).logits[:, :-1]  # (G, last, V)
+    else:  # token 0 comes from the prefix's last position
+        rest = model(input_ids=suffixes, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                     use_cache=True, logits_to_keep=S).logits[:, :-1]  # (G, S-1, V)
+        logits = torch.cat([first.expand(G, 1, first.shape[-1]), rest], dim=1)  # (G, S, V)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    lp = torch.log_softmax(logits, -1).gather(-1, suffixes[:, -last:].unsqueeze(-1)).squeeze(-1)  # (G, last)
+    return lp, logits
+
+
+def group_stats(rewards: torch.Tensor, group_size: int, *, min_std: float = 0.0, eps: float = 1e-6,
+                scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (mean, denominator) of the row's group, both DETACHED. rewards (B,) -> (B,), (B,).
+
+    A = (R - mean) / denom equals policy.group_standardize(R, group_size, eps, min_std=min_std) in value, and its
+    gradient is dR / denom. denom = max(std, min_std) + eps (population std); `min_std` > 0 keeps a near-tied group
+    (all CoTs equally useful) from turning a tiny reward difference into +-1 advantages and a 1/eps actor-reward
+    gradient. scale=False: denom = 1 (centre only, Dr GRPO).
+    """
+    r = rewards.detach()
+    B = r.shape[0]
+    if B % group_size:
+        raise ValueError(f"batch of {B} rewards does not split into groups of {group_size}")
+    g = r.view(B // group_size, group_size)  # (n_groups, G)
+    mean = g.mean(-1, keepdim=True).expand_as(g)  # (n_groups, G)
+    if scale:
+        std = g.std(-1, keepdim=True, unbiased=False) if group_size > 1 else torch.zeros_like(mean[:, :1])
+        denom = (std.clamp(min=min_std) + eps).expand_as(g)
+    else:
+        denom = torch.ones_like(g)
+    return mean.reshape(B), denom.reshape(B)
+
+
+def actor_reward_loss(adv: torch.Tensor) -> torch.Tensor:
+    """The paper's '- A' term: -mean(A). Its gradient is -mean(dR/denom) when A carries R's graph, exactly 0 when not."""
+    return -adv.mean()
+
+
+def expert_iteration_mask(adv: torch.Tensor, min_adv: float) -> torch.Tensor:
+    """Within-group expert iteration: keep the rollouts whose standardized advantage is >= min_adv. (B,) -> (B,) float."""
+    return (adv.detach() >= min_adv).to(adv.dtype)
+
+
+def answer_in_text(gold: str, text: str) -> bool:
+    """Does the CoT already state the gold answer? Numbers match as whole numbers ('135' not inside '1350'; commas
+    ignored); anything else (a letter, a word) must stand alone as a word. Long free-text golds (wiki) never count."""
+    g = gold.strip()
+    if not g or len(g.split()) > 3:
+        return False
+    if re.fullmatch(r"-?\d+(?:\.\d+)?", g):
+        return re.search(rf"(?<![\d.]){re.escape(g)}(?![\d]|\.\d)", text.replace(",", "")) is not None
+    return re.search(rf"(?<!\w){re.escape(g)}(?!\w)", text) is not None
+
+
+def question_indices(step: int, n_questions: int, n_examples: int, seed: int) -> list[int]:
+    """Training example indices for `step`: epoch-wise seeded permutations, a pure function of (seed, step), so a resumed
+    run sees the same questions as an uninterrupted one."""
+    out = []
+    for pos in range(step * n_questions, (step + 1) * n_questions):
+        epoch, i = divmod(pos, n_examples)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        out.append(int(torch.randperm(n_examples, generator=g)[i]))
+    return out
+
+
+def sample_seed(seed: int, step: int, question: int, salt: int = 0) -> int:
+    """The sampling seed of one question's group at one step: independent of how questions are spread over processes."""
+    return (seed * 1_000_003 + step * 10_007 + question * 101 + salt) % (2**63 - 1)
+
+
+def minibatch_groups(n_groups: int, minibatches: int) -> list[list[int]]:
+    """Split group indices 0..n_groups-1 into `minibatches` contiguous chunks of whole groups."""
+    if minibatches < 1 or n_groups % minibatches:
+        raise ValueError(f"{n_groups} question groups per process do not split into {minibatches} minibatches")
+    k = n_groups // minibatches
+    return [list(range(i * k, (i + 1) * k)) for i in range(minibatches)]

@@ -319,3 +319,30 @@ def test_recipe_two_steps_golden_losses_audit_and_run_folder(tmp_path):
     assert "grad/term/pg_set" not in twin[1] and "train/pg_set" not in twin[1]
     assert twin[1]["set/score"] == pytest.approx(train[1]["set/score"])  # same first rollout, same statistics
     assert twin[1]["train/pg_reward"] == pytest.approx(train[1]["train/pg_reward"])
+
+
+def test_compare_script_pairs_runs_by_seed_and_questions(tmp_path):
+    import importlib.util
+
+    from reasonlab.eval.metrics import pass_at_k
+
+    spec = importlib.util.spec_from_file_location("polychromic_compare", ROOT / "scripts" / "polychromic_compare.py")
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+    correct = {"a": {"q0": 1, "q1": 0, "q2": 2}, "b": {"q0": 3, "q1": 1, "q2": 2}}  # correct samples out of 8
+    outputs = {"a": ["1 + 2"] * 8, "b": [f"{i} + 2" for i in range(8)]}
+    for side in "ab":
+        run = tmp_path / side
+        (run / "evals").mkdir(parents=True)
+        (run / "config.yaml").write_text("seed: 0\n")
+        rows = [{"id": q, "sample": j, "output": outputs[side][j], "correct": j < c}
+                for q, c in correct[side].items() for j in range(8)]
+        (run / "evals" / "test_best_step0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = cmp.main(["--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--k", "4", "--n-boot", "200"])
+    p1 = rep["pooled"]["pass@1"]
+    assert p1["n"] == 3 and p1["diff"] == pytest.approx((2 + 1 + 0) / 8 / 3)
+    pk = rep["pooled"]["pass@k"]
+    want = sum(pass_at_k(8, correct["b"][q], 4) - pass_at_k(8, correct["a"][q], 4) for q in correct["a"]) / 3
+    assert pk["diff"] == pytest.approx(want)
+    assert rep["pooled"]["distinct_2"]["mean_a"] == pytest.approx(2 / 16)  # 2 distinct bigrams of 16
+    assert rep["pooled"]["self_bleu"]["mean_a"] == pytest.approx(1.0) and rep["pooled"]["self_bleu"]["diff"] < 0

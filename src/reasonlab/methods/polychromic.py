@@ -24,7 +24,9 @@ f(Y) = mean reward(Y) x diversity(Y); Poly-PPO's subset estimator). What is impl
   `reward_weight: 0` gives the paper's pure set objective.
 - Gradient audit (reasonlab.rl.audit) every `watch.audit_every` steps: grad/term/pg_reward, grad/term/pg_set,
   grad/term/kl, each term's gradient norm alone. The seed-002 bug (diversity as a Python float: zero gradient) shows up
-  there as grad/term/pg_set == 0, and the watcher raises `zero_grad_term`.
+  there as grad/term/pg_set == 0, and the watcher raises `zero_grad_term`. A rollout in which every group's rewards
+  tie has all advantages exactly 0 (no policy-gradient signal; rollout/frac_zero_std says so), so a due audit waits
+  for the next rollout with a non-zero advantage instead of reporting that trivial zero as a dead term.
 - Evaluation: `eval.samples` samples per prompt at `eval.temperature`; pass@1, unbiased pass@k, Distinct-1/2, Self-BLEU
   (nltk semantics), unique-answer ratio, optional MiniLM semantic diversity, each with n and a 95% CI (eval.harness).
   Validation before training, every `eval.every` steps and at the end; the `best` checkpoint is chosen on validation by
@@ -439,6 +441,7 @@ def main(cfg: Config, run: Run) -> dict:
                 "adv/set_raw_mean": float(raw.mean()), "adv/set_raw_std": float(raw.std(unbiased=False)),
                 "adv/set_mean": float(adv.mean()), "adv/set_std": float(adv.std(unbiased=False)),
                 "adv/set_min": float(adv.min()), "adv/set_max": float(adv.max()),
+                "adv/reward_abs_max": float(a_reward.abs().max()), "adv/set_abs_max": float(adv.abs().max()),
                 # wrong samples the set term pushes UP (novel answers in an otherwise repetitive set)
                 "adv/set_wrong_positive_frac": float((raw.view(-1)[wrong] > 1e-9).float().mean()) if wrong.any()
                 else 0.0,
@@ -496,7 +499,7 @@ def main(cfg: Config, run: Run) -> dict:
 
     # ---- train ---------------------------------------------------------------------------------------------------
     step = start
-    cpu_total = 0.0
+    cpu_total, audit_due = 0.0, False
     while step < cfg.train.steps:
         if run.should_stop(step):
             break
@@ -506,7 +509,10 @@ def main(cfg: Config, run: Run) -> dict:
         terms, stats = loss_terms(step, ro)
         metrics = dict(stats)
         if cfg.watch.audit_every and step % cfg.watch.audit_every == 0:
+            audit_due = True
+        if audit_due and (stats["adv/reward_abs_max"] > 0 or (polychromic and stats["adv/set_abs_max"] > 0)):
             metrics.update(audit_terms(terms, params).metrics())
+            audit_due = False
         loss = sum(w * l for w, l in terms.values() if w != 0)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))

@@ -60,6 +60,33 @@ def per_question(path: Path, k: int, semantic_encoder=None) -> dict[str, dict[st
     return out
 
 
+TRAIN_KEYS = ("rollout/correct", "set/answer_diversity", "rollout/unique_answer_ratio", "rollout/entropy",
+              "adv/set_wrong_positive_frac")
+
+
+def training_curves(run: Path, windows: int = 4) -> dict:
+    """Training-time statistics from metrics.jsonl: window means of TRAIN_KEYS, every gradient audit's per-term norm
+    (how many audits saw grad/term/pg_set > 0), and the CPU seconds the training steps took (time/step_cpu_s)."""
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    steps = [r for r in rows if "time/step_cpu_s" in r]
+    out: dict = {"steps": len(steps), "train_cpu_s": round(sum(r["time/step_cpu_s"] for r in steps), 1),
+                 "train_wall_s": round(sum(r["time/step_s"] for r in steps), 1), "windows": {}}
+    if steps:
+        size = max(1, -(-len(steps) // windows))
+        for i in range(0, len(steps), size):
+            chunk = steps[i:i + size]
+            out["windows"][f"{chunk[0]['step']}-{chunk[-1]['step']}"] = {
+                k: round(float(np.mean([r[k] for r in chunk if k in r])), 4) for k in TRAIN_KEYS}
+    audits = [r for r in rows if "grad/total_norm_audit" in r]
+    terms = sorted({k[len("grad/term/"):] for r in audits for k in r if k.startswith("grad/term/")})
+    out["audits"] = {"n": len(audits), **{t: {"mean": float(np.mean([r[f"grad/term/{t}"] for r in audits])),
+                                             "min": float(np.min([r[f"grad/term/{t}"] for r in audits])),
+                                             "n_nonzero": int(sum(r[f"grad/term/{t}"] > 0 for r in audits))}
+                                         for t in terms}}
+    return out
+
+
 def seed_of(run: Path) -> int:
     return int(yaml.safe_load((run / "config.yaml").read_text())["seed"])
 
@@ -105,6 +132,8 @@ def main(argv=None) -> dict:
         d["relative"] = d["diff"] / d["mean_a"] if d["mean_a"] else float("nan")
         report["pooled"][m] = d
 
+    report["training"] = {f"{side}/seed{s}": training_curves(runs[side][s]) for side in "ab" for s in seeds}
+
     name = {"pass@k": f"pass@{args.k}"}
     print(f"per run (mean over test questions, 95% bootstrap CI)  a = {[str(r) for r in args.a]}")
     for key, row in report["per_run"].items():
@@ -119,6 +148,13 @@ def main(argv=None) -> dict:
         print(f"  {name.get(m, m):<11} a {v['mean_a']:.4f}  b {v['mean_b']:.4f}  diff {v['diff']:+.4f} "
               f"[{v['lo']:+.4f}, {v['hi']:+.4f}]  relative {100 * v['relative']:+.1f}%  p={v['p_value']:.3g}  "
               f"(n={v['n']})")
+    print("training (window means; gradient audits: mean norm, audits with a non-zero norm / audits)")
+    for key, t in report["training"].items():
+        aud = ", ".join(f"{k} {v['mean']:.3g} ({v['n_nonzero']}/{t['audits']['n']})"
+                        for k, v in t["audits"].items() if k != "n")
+        print(f"  {key:<9} steps {t['steps']}, train CPU {t['train_cpu_s'] / 60:.1f} min; audits: {aud}")
+        for w, v in t["windows"].items():
+            print(f"    steps {w:<8} " + "  ".join(f"{k} {x:.3f}" for k, x in v.items()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

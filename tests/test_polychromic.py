@@ -346,3 +346,17 @@ def test_compare_script_pairs_runs_by_seed_and_questions(tmp_path):
     assert pk["diff"] == pytest.approx(want)
     assert rep["pooled"]["distinct_2"]["mean_a"] == pytest.approx(2 / 16)  # 2 distinct bigrams of 16
     assert rep["pooled"]["self_bleu"]["mean_a"] == pytest.approx(1.0) and rep["pooled"]["self_bleu"]["diff"] < 0
+
+
+def test_semantic_diversity_alone_drives_the_set_term_in_a_dry_run(tmp_path):
+    """combine: sum with MiniLM semantic diversity: the tiny model's random text earns no reward, yet the set term has
+    a gradient (from the embedding distances alone) and the reward term has none."""
+    from reasonlab.config import load_config
+    from reasonlab.methods.polychromic import main
+    from reasonlab.runs import Run
+
+    cfg = load_config(TINY, ["set.diversity=semantic", "set.combine=sum", "tracking.tensorboard=false"])
+    run = Run(cfg, tmp_path / "dry", install_signals=False, dry_run=True)
+    out = main(cfg, run)
+    run.close()
+    assert out["dry_run"] and out["grad_terms"]["pg_set"] > 0 and out["grad_terms"]["pg_reward"] == 0.0

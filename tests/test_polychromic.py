@@ -277,13 +277,13 @@ GOLDEN = {1: {"train/loss": 0.0985594, "train/pg_set": 0.0492761, "train/pg_rewa
           2: {"train/loss": -0.0648068, "train/pg_set": -0.0324337, "train/pg_reward": -0.0324329, "train/kl": 0.0011966}}
 
 
-def _run(tmp_path, name, overrides):
+def _run(tmp_path, name, overrides, resume=False):
     from reasonlab.config import load_config
     from reasonlab.methods.polychromic import main
     from reasonlab.runs import Run
 
     cfg = load_config(TINY, ["reward.fn=test_polychromic:digit_reward", "tracking.tensorboard=false", *overrides])
-    run = Run(cfg, tmp_path / name, install_signals=False)
+    run = Run(cfg, tmp_path / name, install_signals=False, resume=resume)
     try:
         result = main(cfg, run)
     finally:
@@ -292,7 +292,7 @@ def _run(tmp_path, name, overrides):
     return result, {r["step"]: r for r in rows if "train/loss" in r}, run.dir
 
 
-def test_recipe_two_steps_golden_losses_audit_and_run_folder(tmp_path):
+def test_recipe_two_steps_golden_losses_audit_run_folder_resume_and_twin(tmp_path):
     result, train, run_dir = _run(tmp_path, "poly", [])
     assert sorted(train) == [1, 2]
     for step, want in GOLDEN.items():
@@ -314,6 +314,16 @@ def test_recipe_two_steps_golden_losses_audit_and_run_folder(tmp_path):
         assert m["n"] == 4 and m["lo"] is not None, key
     assert (run_dir / "checkpoints" / "best" / "manifest.json").exists()
     assert result["test"]["accuracy"]["n"] == 4 and result["train_cpu_s"] > 0
+
+    # stop after step 1, resume to step 2: the same step-2 loss and the same adapter weights as the straight run
+    _run(tmp_path, "resumed", ["train.steps=1"])
+    _, resumed, _ = _run(tmp_path, "resumed", [], resume=True)
+    assert resumed[2]["train/loss"] == pytest.approx(train[2]["train/loss"], abs=1e-7)
+    from safetensors.torch import load_file
+
+    a = load_file(str(run_dir / "checkpoints" / "step_2" / "module.model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_2" / "module.model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     _, twin, _ = _run(tmp_path, "grpo", ["set.mode=grpo"])
     assert "grad/term/pg_set" not in twin[1] and "train/pg_set" not in twin[1]

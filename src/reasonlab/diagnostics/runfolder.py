@@ -34,8 +34,8 @@ tests/tinyrun.py has small recipes that follow all of it):
       about frozen modules. Keep at least two step_<N> checkpoints at different steps (e.g. one per periodic eval):
       frozen/trainable checks compare consecutive checkpoints. The validation-chosen checkpoint is `name="best"`
       with state={"selected_on": "val", "metric": "eval/val/acc"}.
-  report.md, plots/*.png, findings.json: written by `reasonlab report RUN` or, as a recipe's last step, by
-      `from reasonlab.diagnostics.report import write_report; write_report(run.dir)` (lazy import).
+  report.md, plots/*.png, findings.json: written by `reasonlab report RUN`, and by `reasonlab run` once the run has
+      ended (recipes do not write it: before run.finish() the report could only say "unfinished").
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Interlat arXiv 2511.09149):
 - Run contract: metrics (train/*, grad/term/* via rl.audit every watch.audit_every steps, encoder/* soft-token stats,
   eval/*, time/cpu_s = process CPU seconds), evals/<split>.<task>@step_N[+control=NAME], checkpoints of the bridge
   (+ LoRA), resume, --time-limit, SIGTERM, --dry-run (tiny stand-in models when the configured ones are not available
-  offline), report.md at the end when reasonlab.diagnostics.report is installed.
+  offline), report.md at the end (written by `reasonlab run` after the run folder records how it ended).
 
     reasonlab run configs/bridge/minilm-to-smollm2.yaml
 """
@@ -618,12 +618,7 @@ def main(cfg: Config, run: Run) -> dict:
     run.log(step, {**eval_metrics(res, f"test/{task.name}"), "time/cpu_s": cpu, "time/wall_s": time.time() - wall0})
     dist.print0(f"test (checkpoint chosen on validation, step {best['step']}): {fmt(res)}; "
                 f"process CPU {cpu / 60:.1f} min")
-    try:
-        from reasonlab.diagnostics.report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        write_report(run.dir)
+    # `reasonlab run` writes report.md once the run folder says how the run ended
     return {"final_step": step, "best_step": best["step"], "best_val_acc": best["acc"], "cpu_s": round(cpu, 1),
             "test": {c: res[c]["metrics"]["accuracy"] for c in res if c != "soft_stats"},
             "test_unique_output_ratio": res["bridged"]["metrics"]["unique_output_ratio"]["value"]}

@@ -34,7 +34,7 @@ shared/ANCHORS.md, seed 003; pure pieces in reasonlab/rl/markovian.py and reason
   n-gram rate, longest character run, lengths, answer-in-CoT rate, entropy), train/answer_logp{,_ref}, ppo/*,
   grad/term/{pg,actor_reward,kl} (rl.audit: each weighted term's gradient alone, every watch.audit_every steps, on
   the first minibatch), eval/<task>/*, time/* (wall and process CPU seconds). The online watcher raises events;
-  report.md is written at the end when reasonlab.diagnostics.report is installed.
+  report.md is written at the end by `reasonlab run`.
 - Data parallel: processes take whole question groups; gradients are all-reduced (mean) by hand, so the update equals
   the 1-process update on the same global batch. Evaluation runs on rank 0.
 - Not implemented: the paper's EMA reward baseline (rl `r`), CoT-length curricula, the wiki perturbation analyses.
@@ -648,11 +648,4 @@ def main(cfg: Config, run: Run) -> dict:
                        f"test/{task.name}/delta_hi": d.hi, f"test/{task.name}/delta_p": d.p_value})
         dist.print0(f"test: untrained {d.mean_a:.3f} -> trained (step {best['step']}) {d.mean_b:.3f}, difference "
                     f"{d.diff:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}], paired bootstrap p = {d.p_value:.4f} (n={d.n})")
-    try:
-        from reasonlab.diagnostics.report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None and dist.is_main():
-        run.close()  # flush metrics before the report reads them
-        write_report(run.dir)
-    return result
+    return result  # `reasonlab run` writes report.md once the run folder says how the run ended

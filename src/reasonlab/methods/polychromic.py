@@ -32,7 +32,7 @@ f(Y) = mean reward(Y) x diversity(Y); Poly-PPO's subset estimator). What is impl
   Validation before training, every `eval.every` steps and at the end; the `best` checkpoint is chosen on validation by
   `eval.select_on`; test is evaluated once, at the end, on that checkpoint.
 - Run-folder contract: metrics, events (watcher), checkpoints (the LoRA adapter), resume, --time-limit, SIGTERM,
-  --dry-run, report.md when reasonlab.diagnostics.report is available. One process (no multi-process support yet).
+  --dry-run, report.md (written by `reasonlab run` at the end). One process (no multi-process support yet).
 
     reasonlab run configs/polychromic/countdown-smollm2.yaml
     reasonlab run configs/polychromic/countdown-smollm2.yaml set.mode=grpo     # the twin
@@ -557,11 +557,6 @@ def main(cfg: Config, run: Run) -> dict:
     dist.print0(f"test (checkpoint chosen on validation {cfg.eval.select_on}, step {best['step']}): " +
                 ", ".join(f"{key} {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={v['n']})"
                           for key, v in result.items() if v.get("lo") is not None))
-    try:
-        from reasonlab.diagnostics.report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        write_report(run.dir)
+    # `reasonlab run` writes report.md once the run folder says how the run ended
     return {"final_step": step, "best_step": best["step"], "best_val": best["value"], "select_on": cfg.eval.select_on,
             "test": result, "train_cpu_s": round(cpu_total, 1)}

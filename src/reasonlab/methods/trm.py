@@ -26,7 +26,7 @@ What is implemented (Jolicoeur-Martineau 2025, arXiv 2510.04871; models in reaso
 - Logging: train/* (loss, lm_loss, q_halt_loss, token_accuracy, exact_accuracy, q_halt_accuracy, steps, lr),
   grad/module/{decoder,embeddings,puzzle_emb,heads,encoder} norms, grad/term/{lm,q_halt} (rl.audit, every
   watch.audit_every steps), encoder/* (watch.encoder_stats of the prefix the decoder sees), time/*, the online
-  Watcher (events.jsonl), data/train_ids.txt (leakage detector), report.md at the end (diagnostics.report).
+  Watcher (events.jsonl), data/train_ids.txt (leakage detector), report.md at the end (written by `reasonlab run`).
   Run contract: checkpoints (params="all"), resume (the ACT carry restarts empty), --time-limit, SIGTERM, --dry-run
   (build, one ACT step, parameter counts, no training; grid data capped at 2 augmentations).
 
@@ -47,11 +47,6 @@ from reasonlab.config import BaseConfig, EvalConfig, F, TrainConfig
 from reasonlab.diagnostics.watch import Watcher, WatchConfig, encoder_stats, record_train_ids
 from reasonlab.models.trm import TRM, SignSGD, TRMConfig, act_loss, act_loss_terms, grad_norm
 from reasonlab.runs import Run, RunError, open_checkpoint, tensor_sha256
-
-try:  # built on another branch; the recipe runs without it
-    from reasonlab.diagnostics.report import write_report
-except ImportError:
-    write_report = None
 
 
 @dataclass
@@ -539,9 +534,4 @@ def main(cfg: Config, run: Run) -> dict:
         print(f"train subset (same checkpoint): pass@1 {fmt(tr['metrics']['pass@1'])} over {tr['n_tasks']} tasks")
     result = {"final_step": step, "best_step": best["step"], "best_val": best["value"], "test": m,
               "train_subset": tr["metrics"] if tr else None, "cpu_train_s": cpu_train, "setup_cpu_s": setup_cpu}
-    if write_report is not None and run.is_main:
-        try:
-            print(f"report: {write_report(run.dir)}")
-        except Exception as e:  # the report must never cost the run its results
-            print(f"report: not written ({type(e).__name__}: {e}); run `reasonlab report {run.dir}`")
-    return result
+    return result  # `reasonlab run` writes report.md once the run folder says how the run ended

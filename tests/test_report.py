@@ -2,6 +2,7 @@
 tiny loops of tests/tinyrun.py. The report must say the status, give every number with n and a 95% CI, and its plots
 must be real PNG files."""
 
+import json
 import re
 import struct
 
@@ -151,3 +152,31 @@ def test_cli_errors_are_one_line(tmp_path):
     assert p.returncode == 2 and "at least two run folders" in p.stderr
     p = cli("report", str(tmp_path), "--fail-on", "sometimes", check=False)
     assert p.returncode == 2 and "--fail-on" in p.stderr
+
+
+def test_compare_pairs_set_metrics_of_multi_sample_evals(tmp_path):
+    """Several samples per question: pass@1, pass@k, Distinct-2 and Self-BLEU are paired per question."""
+    from reasonlab.diagnostics.compare import set_metric_pairs
+    from reasonlab.diagnostics.runfolder import EvalFile
+    from reasonlab.eval import diversity as D
+    from reasonlab.eval.metrics import pass_at_k
+
+    def write(name, rows):
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"id": q, "sample": i, "correct": c, "output": o}) + "\n"
+                             for q, samples in rows.items() for i, (c, o) in enumerate(samples)))
+        return EvalFile(f"test@{name}", {"split": "test"}, p)
+
+    a = write("a", {"q1": [(1, "1 + 2 = 3"), (1, "1 + 2 = 3"), (0, "4")], "q2": [(0, "x y"), (0, "x y"), (0, "x y")]})
+    b = write("b", {"q1": [(1, "2 + 1 = 3"), (1, "1 + 2 = 3"), (1, "3 = 3")], "q2": [(1, "y x z"), (0, "a b"), (0, "c d")],
+                    "q3": [(1, "5"), (1, "5")]})
+    pairs = set_metric_pairs(a, b)
+    assert sorted(pairs) == ["distinct_2", "pass@1", "pass@2", "self_bleu"]  # k = the smaller sample count
+    ma, mb = pairs["pass@1"]
+    assert ma == {"q1": 2 / 3, "q2": 0.0} and mb == {"q1": 1.0, "q2": 1 / 3, "q3": 1.0}
+    assert pairs["pass@2"][0]["q1"] == pytest.approx(pass_at_k(3, 2, 2)) and pairs["pass@2"][1]["q2"] == pytest.approx(
+        pass_at_k(3, 1, 2))
+    assert pairs["distinct_2"][1]["q2"] == pytest.approx(D.distinct_n(["y x z", "a b", "c d"], 2))
+    assert pairs["self_bleu"][0]["q2"] == pytest.approx(D.self_bleu(["x y"] * 3))
+    one = write("one", {"q1": [(1, "3")], "q2": [(0, "4")]})
+    assert set_metric_pairs(one, b) == {}  # one sample per question: accuracy only

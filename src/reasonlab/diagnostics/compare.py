@@ -6,6 +6,9 @@ items the runs share, and overlaid curves.
 The first run is the baseline; every other run is compared with it, split by split (val, test), on the final eval of
 that split (`final: true`, else the latest step), over the example ids both evals contain. The paired bootstrap
 resamples those ids, so per-question difficulty cancels (eval.metrics.paired_bootstrap; diff = run - baseline).
+When both evals hold several samples per question (polychromic, pass@k evals), the per-question set metrics are
+paired too: pass@1 (fraction correct), unbiased pass@k (k = the smaller sample count), Distinct-2 and Self-BLEU of
+the question's samples.
 Writes DIR/compare.md and DIR/plots/*.png; DIR defaults to a `compare-...` folder next to the first run.
 """
 
@@ -29,6 +32,7 @@ class PairRow:
     run_tag: str | None
     diff: object | None = None  # eval.metrics.PairedDiff (run - baseline) when there are shared ids
     note: str = ""
+    metric: str = "accuracy"
 
 
 @dataclass
@@ -61,6 +65,43 @@ def _default_out(dirs: list[Path], labels: list[str]) -> Path:
     if len(stem) > 100:
         stem = stem[:80] + "-" + hashlib.sha256(stem.encode()).hexdigest()[:8]
     return dirs[0].parent / stem
+
+
+def per_question_set_metrics(e: EvalFile, k: int) -> dict[str, dict[str, float]]:
+    """{metric: {question id: value}} over each question's samples (needs >= 2 samples per question)."""
+    from reasonlab.eval import diversity as D
+    from reasonlab.eval.metrics import pass_at_k
+
+    groups: dict[str, list[dict]] = {}
+    for r in e.records:
+        if "id" in r and "correct" in r:
+            groups.setdefault(str(r["id"]), []).append(r)
+    out: dict[str, dict[str, float]] = {"pass@1": {}, f"pass@{k}": {}, "distinct_2": {}, "self_bleu": {}}
+    for qid, g in groups.items():
+        n, c = len(g), sum(bool(r["correct"]) for r in g)
+        texts = [str(r.get("output", "")) for r in g]
+        out["pass@1"][qid] = c / n
+        out[f"pass@{k}"][qid] = pass_at_k(n, c, k)
+        for name, v in (("distinct_2", D.distinct_n(texts, 2)), ("self_bleu", D.self_bleu(texts))):
+            if v is not None:  # None: no n-grams to count (e.g. every sample empty)
+                out[name][qid] = v
+    return out
+
+
+def set_metric_pairs(a: EvalFile, b: EvalFile) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
+    """Per-question set metrics of two evals when both have >= 2 samples for every question; else {}."""
+    def min_samples(e: EvalFile) -> int:
+        counts: dict[str, int] = {}
+        for r in e.records:
+            if "id" in r:
+                counts[str(r["id"])] = counts.get(str(r["id"]), 0) + 1
+        return min(counts.values()) if counts else 0
+
+    k = min(min_samples(a), min_samples(b))
+    if k < 2:
+        return {}
+    ma, mb = per_question_set_metrics(a, k), per_question_set_metrics(b, k)
+    return {m: (ma[m], mb[m]) for m in ma}
 
 
 def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None, n_boot: int = 10_000,
@@ -109,6 +150,10 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None, n_bo
                 else:
                     row.diff = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
             cmp.pairs.append(row)
+            if row.diff is not None:
+                for metric, (ma, mb) in set_metric_pairs(base, other).items():
+                    cmp.pairs.append(PairRow(split, label, base.tag, other.tag,
+                                             paired_bootstrap(ma, mb, n_boot=n_boot, seed=seed), metric=metric))
 
     out_dir = Path(out) if out is not None else _default_out([rf.dir for rf in rfs], labels)
     pairs = list(zip(labels, rfs))
@@ -128,13 +173,14 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None, n_bo
 def _pair_cells(c: Comparison, r: PairRow) -> list[str]:
     d = r.diff
     if d is None:
-        return [r.split, c.labels[0], r.run, "-", "-", "-", "-", "-", r.note]
+        return [r.split, r.metric, c.labels[0], r.run, "-", "-", "-", "-", "-", r.note]
     only = f"{d.n_only_a}/{d.n_only_b}" if d.n_only_a or d.n_only_b else "0/0"
-    return [r.split, f"{c.labels[0]} ({r.base_tag})", f"{r.run} ({r.run_tag})", f"{d.mean_a:.3f}", f"{d.mean_b:.3f}",
+    return [r.split, r.metric, f"{c.labels[0]} ({r.base_tag})", f"{r.run} ({r.run_tag})", f"{d.mean_a:.3f}",
+            f"{d.mean_b:.3f}",
             f"{d.diff:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]", f"{d.p_value:.4f}", str(d.n), only]
 
 
-PAIR_HEAD = ["split", "baseline", "run", "baseline acc", "run acc", "diff [95% CI]", "p", "n shared",
+PAIR_HEAD = ["split", "metric", "baseline", "run", "baseline value", "run value", "diff [95% CI]", "p", "n shared",
              "only in baseline/run"]
 
 

@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "arithmetic": "reasonlab.tasks.arithmetic:ArithmeticTask",
     "countdown": "reasonlab.tasks.countdown:CountdownTask",
     "counting": "reasonlab.tasks.counting:CountingTask",  # latent bridge CPU task
+    "word-recall": "reasonlab.tasks.words:WordRecallTask",  # latent bridge CPU task
     # owned by the TRM engineer
     "sudoku": "reasonlab.tasks.sudoku:SudokuTask",
     "arc-agi-1": "reasonlab.tasks.arc_agi:ArcAgiTask",

@@ -648,7 +648,18 @@ def detect_controls(rf: RunFolder, th: Thresholds) -> list[Finding]:
     """Bridge: accuracy must beat the shuffled-source and zero-source controls on the same items (paired bootstrap)."""
     out = []
     by_tag = {e.tag: e for e in rf.evals}
-    for tag, diffs in control_diffs(rf).items():
+    diffs_by_tag = control_diffs(rf)
+    # judge the latest eval of each split (the final one when there is one): before training a bridge cannot beat
+    # its controls, and the step-0 eval exists precisely to show that
+    latest: dict[str | None, str] = {}
+    for tag in diffs_by_tag:
+        e, cur = by_tag[tag], by_tag.get(latest.get(by_tag[tag].split, ""))
+        if cur is None or (e.final, e.step if e.step is not None else -1) > (cur.final,
+                                                                             cur.step if cur.step is not None else -1):
+            latest[e.split] = tag
+    for tag, diffs in diffs_by_tag.items():
+        if tag not in latest.values():
+            continue
         bad = [(name, d) for name, d in diffs if d.lo <= 0]  # d = method - control
         if not bad:
             continue

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-def cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 900, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `reasonlab ARGS...` as a user would (a fresh process: signals, exit codes and stderr are real)."""
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     p = subprocess.run([sys.executable, "-m", "reasonlab.cli", *args], cwd=ROOT, capture_output=True, text=True,

@@ -166,7 +166,7 @@ GOLDEN = {1: 11.893624, 2: 11.909170}
 
 
 def test_two_step_smoke_run_golden_losses_and_control_files(tmp_path):
-    cli("run", str(TINY), "--out", str(tmp_path), timeout=240)
+    cli("run", str(TINY), "--out", str(tmp_path), timeout=900)
     run = only_run_dir(tmp_path)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -194,7 +194,7 @@ def test_two_step_smoke_run_golden_losses_and_control_files(tmp_path):
 
 @pytest.mark.parametrize("name", ["mistral7b-to-llama8b-gsm8k", "llama8b-to-mistral7b-gsm8k"])
 def test_paper_configs_dry_run_on_tiny_stand_ins(name):
-    p = cli("run", str(ROOT / "configs" / "bridge" / f"{name}.yaml"), "--dry-run", timeout=240,
+    p = cli("run", str(ROOT / "configs" / "bridge" / f"{name}.yaml"), "--dry-run", timeout=900,
             env={"REASONLAB_DATA": str(SHARED_DATA)})
     out = p.stdout + p.stderr
     assert "tiny stand-in" in out and "dry run: soft tokens" in out and "nothing trained" in out

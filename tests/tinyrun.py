@@ -211,7 +211,7 @@ def killed_classifier_run(root: Path, name: str = "killed", kill_at: int = 30) -
     code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from pathlib import Path; import tinyrun; "
             f"tinyrun.classifier_run(Path({str(root)!r}), {name!r}, kill_at={kill_at})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-2000:])
     return Path(root) / name
 

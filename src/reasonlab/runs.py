@@ -530,3 +530,15 @@ def compare_frozen(ckpt_a: str | Path, ckpt_b: str | Path, module: str) -> tuple
     names = sorted(n for n in set(sa) | set(sb) if hit(n))
     diffs = [n for n in names if sa.get(n) != sb.get(n)]
     return len(names) - len(diffs), len(names), diffs
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Global example indices for `step`: epoch-wise seeded permutations of range(n), a pure function of (seed, step),
+    so a resumed run reads exactly the examples an uninterrupted one would (the "data position" of a checkpoint is
+    just its step)."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[i]))
+    return out

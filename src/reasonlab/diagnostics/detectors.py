@@ -651,12 +651,14 @@ def detect_controls(rf: RunFolder, th: Thresholds) -> list[Finding]:
     diffs_by_tag = control_diffs(rf)
     # judge the latest eval of each split (the final one when there is one): before training a bridge cannot beat
     # its controls, and the step-0 eval exists precisely to show that
-    latest: dict[str | None, str] = {}
+    def rank(e) -> tuple[bool, int]:
+        return e.final, e.step if e.step is not None else -1
+
+    latest: dict[str | None, str] = {}  # split -> tag of its latest eval
     for tag in diffs_by_tag:
-        e, cur = by_tag[tag], by_tag.get(latest.get(by_tag[tag].split, ""))
-        if cur is None or (e.final, e.step if e.step is not None else -1) > (cur.final,
-                                                                             cur.step if cur.step is not None else -1):
-            latest[e.split] = tag
+        split = by_tag[tag].split
+        if split not in latest or rank(by_tag[tag]) > rank(by_tag[latest[split]]):
+            latest[split] = tag
     for tag, diffs in diffs_by_tag.items():
         if tag not in latest.values():
             continue

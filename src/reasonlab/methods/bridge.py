@@ -46,7 +46,7 @@ from reasonlab.models.bridge import (Bridge, BridgeError, DiTConfig, Row, Source
                                      info_nce, kl_first_k, load_source, prompt_alignment, separation)
 from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl.audit import audit_terms
-from reasonlab.runs import Run
+from reasonlab.runs import Run, batch_indices
 
 SENTINEL = "\u2063BRIDGE_QUESTION\u2063"  # stands in for the question when the prompt template is split
 
@@ -453,16 +453,6 @@ def fmt(res: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Example indices for `step`: epoch-wise seeded permutations, a pure function of (seed, step) (copied from sft)."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(pos, n)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[i]))
-    return out
 
 
 def main(cfg: Config, run: Run) -> dict:

@@ -56,7 +56,7 @@ from reasonlab.diagnostics.watch import WatchConfig, Watcher, group_reward_stats
 from reasonlab.models.lm import LoraConfig, ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl import markovian as M
 from reasonlab.rl.policy import entropy_from_logits, kl_exact, kl_k3, masked_mean, pg_loss, ppo_loss
-from reasonlab.runs import Run
+from reasonlab.runs import Run, batch_indices
 from reasonlab.tasks.base import Example
 
 
@@ -459,7 +459,7 @@ def main(cfg: Config, run: Run) -> dict:
                 f"x {G} CoTs of {cfg.data.cot_tokens} tokens per step; loss {rl.loss}")
 
     def local_questions(step: int) -> tuple[list[int], list[Example]]:
-        idx = M.question_indices(step, n_q, len(train), cfg.seed)  # global batch of question indices
+        idx = batch_indices(step, n_q, len(train), cfg.seed)  # global batch of question indices
         slots = dist.shard(list(range(n_q)))
         return slots, [train[idx[s]] for s in slots]
 

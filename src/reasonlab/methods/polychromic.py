@@ -58,7 +58,7 @@ from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offl
 from reasonlab.rl import setlevel as S
 from reasonlab.rl.audit import audit_terms
 from reasonlab.rl.policy import group_standardize, kl_k3, masked_mean, pg_loss
-from reasonlab.runs import Run
+from reasonlab.runs import Run, batch_indices
 
 
 @dataclass
@@ -222,16 +222,6 @@ def call_reward_fn(fn, spec: str, completions: list[str], examples: list) -> tup
             raise ConfigError(f"reward.fn '{spec}' returned a non-finite reward {x}")
         rewards.append(x)
     return rewards, n_none
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Global example indices for `step`: epoch-wise seeded permutations, a pure function of (seed, step)."""
-    out = []
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(pos, n)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[i]))
-    return out
 
 
 def group_logprobs(model, prompt: list[int], completions: list[list[int]], pad_id: int,

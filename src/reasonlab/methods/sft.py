@@ -26,7 +26,7 @@ import torch
 from reasonlab import dist
 from reasonlab.config import BaseConfig, EvalConfig, F, TrainConfig
 from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config
-from reasonlab.runs import Run
+from reasonlab.runs import Run, batch_indices
 
 
 @dataclass
@@ -98,17 +98,6 @@ def per_example_nll(model, input_ids, attn, labels) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), dim=-1)
     tok_lp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return -(tok_lp * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Global example indices for `step`: epoch-wise seeded permutations, a pure function of (seed, step)."""
-    out = []
-    start = step * batch_size
-    for pos in range(start, start + batch_size):
-        epoch, i = divmod(pos, n)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        out.append(int(torch.randperm(n, generator=g)[i]))
-    return out
 
 
 @torch.no_grad()

@@ -174,17 +174,6 @@ def answer_in_text(gold: str, text: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(g)}(?!\w)", text) is not None
 
 
-def question_indices(step: int, n_questions: int, n_examples: int, seed: int) -> list[int]:
-    """Training example indices for `step`: epoch-wise seeded permutations, a pure function of (seed, step), so a resumed
-    run sees the same questions as an uninterrupted one."""
-    out = []
-    for pos in range(step * n_questions, (step + 1) * n_questions):
-        epoch, i = divmod(pos, n_examples)
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        out.append(int(torch.randperm(n_examples, generator=g)[i]))
-    return out
-
-
 def sample_seed(seed: int, step: int, question: int, salt: int = 0) -> int:
     """The sampling seed of one question's group at one step: independent of how questions are spread over processes."""
     return (seed * 1_000_003 + step * 10_007 + question * 101 + salt) % (2**63 - 1)

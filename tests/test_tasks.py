@@ -79,6 +79,14 @@ def test_arithmetic_gold_and_precedence():
         get_task("arithmetic", n_terms=2, digits=1, n_test=500).examples("test")
 
 
+def test_arithmetic_max_value_bounds_every_number():
+    t = _small_arith(n_terms=2, max_value=40)
+    nums = [n for e in t.examples("train") for n in e.meta["numbers"]]
+    assert min(nums) >= 1 and max(nums) == 40  # 1..40, not 1..99 as digits=2 alone would give
+    with pytest.raises(TaskError, match="max_value must be >= 2"):
+        get_task("arithmetic", max_value=1)
+
+
 def test_arithmetic_score_contract():
     t = _small_arith()
     e = t.examples("test")[0]

@@ -1,5 +1,5 @@
-"""Generated arithmetic: "a + b + c ... =" with `n_terms` numbers of up to `digits` digits (Markovian's task: 15 terms,
-1..99, K=150 CoT tokens).
+"""Generated arithmetic: "a + b + c ... =" with `n_terms` numbers of up to `digits` digits, or 1..`max_value` when set
+(Markovian's task: 15 terms, 1..99, K=150 CoT tokens; small values give a task a 135M model gets partly right).
 
 Determinism and leakage: every split is drawn from its own seeded stream (random.Random(f"{seed}/{split}")), and a
 question is only kept by the split its text hashes to (sha256 -> 80% train / 10% validation / 10% test). The hash does not
@@ -47,6 +47,7 @@ class ArithmeticTask(Task):
         n_terms: int = 15,
         digits: int = 2,
         ops: str = "+",
+        max_value: int = 0,
         seed: int = 0,
         n_train: int = 10000,
         n_validation: int = 500,
@@ -58,9 +59,13 @@ class ArithmeticTask(Task):
         super().__init__(fewshot=fewshot, **kw)
         if n_terms < 2 or digits < 1:
             raise TaskError(f"arithmetic needs n_terms >= 2 and digits >= 1, got n_terms={n_terms} digits={digits}")
+        if max_value < 0 or max_value == 1:
+            raise TaskError(f"arithmetic max_value must be >= 2 (numbers are drawn from 1..max_value) or 0 for "
+                            f"10**digits - 1, got {max_value}")
         if not ops or set(ops) - set("+-*"):
             raise TaskError(f"arithmetic ops must be a non-empty string of '+', '-', '*', got {ops!r}")
         self.n_terms, self.digits, self.ops, self.seed = n_terms, digits, ops, seed
+        self.max_value = max_value or 10**digits - 1
         self.sizes = {"train": n_train, "validation": n_validation, "test": n_test}
         self.extractors = ("anchor", "simple", "flexible-extract", "cot-strict-match")
         if extractor not in self.extractors:
@@ -69,7 +74,7 @@ class ArithmeticTask(Task):
         self._cache: dict[str, list[Example]] = {}
 
     def _draw(self, rng: random.Random) -> tuple[str, int, list[int]]:
-        nums = [rng.randint(1, 10**self.digits - 1) for _ in range(self.n_terms)]
+        nums = [rng.randint(1, self.max_value) for _ in range(self.n_terms)]
         ops = [rng.choice(self.ops) for _ in range(self.n_terms - 1)]
         q = " ".join([str(nums[0])] + [f"{o} {n}" for o, n in zip(ops, nums[1:])])
         return q, evaluate_terms(nums, ops), nums
@@ -92,7 +97,7 @@ class ArithmeticTask(Task):
         if len(out) < n:
             raise TaskError(
                 f"arithmetic: found only {len(out)} distinct {split} questions for n_terms={self.n_terms} "
-                f"digits={self.digits}; ask for fewer examples (n_{split}) or a larger space"
+                f"max_value={self.max_value}; ask for fewer examples (n_{split}) or a larger space"
             )
         self._cache[split] = out
         return out

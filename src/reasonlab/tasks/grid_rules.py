@@ -6,6 +6,8 @@ A *rule* is a composition of up to three primitive slots, applied in this order:
     geo    : id | rot90 | rot180 | rot270 | flip_ud | flip_lr | transpose | anti_transpose   (the dihedral group)
     colour : none | map | fill                            (map: a random bijection palette -> new colours;
                                                            fill: background -> one random colour)
+             | swap_a_b                                   (colours a and b trade places, 1 <= a < b <= 9; the
+                                                           shorthand "swap" enables all 36)
 
 e.g. "gravity_left+rot90+map". A *puzzle instance* is one rule with instance-specific random parameters (the colour
 map, the fill colour, the grids' palette and sizes): `n_demos` demonstration pairs plus `n_tests` test pairs. The colour
@@ -15,6 +17,10 @@ carry them to a new instance.
 Splits are made by RULE: `heldout_rules` compositions never appear in training in any instance. The held-out rules are
 chosen among compositions whose primitives (and, with `pair_coverage`, every pair of whose non-trivial steps) do appear
 in training rules, so they are unseen compositions of seen parts: that is what makes generalization possible at all.
+A swap's parts are its two colours: a held-out swap_3_7 needs 3 and 7 each swapped (with other partners) in training.
+Swaps have no per-instance parameters, so a held-out swap is a function no training instance ever computed: the
+family where "rules never seen in training" is measurable at laptop scale (colour augmentation must then be off, since
+permuting colours turns one swap into another).
 Splits:
     train    instances of training rules                      (demos + tests may be used for training)
     val      fresh instances of training rules                 (held-out instances, seen rules)
@@ -41,6 +47,7 @@ from reasonlab.tasks.base import Example, Score, Task
 MOVES = ("none", "gravity_down", "gravity_up", "gravity_left", "gravity_right")
 GEOS = ("id", "rot90", "rot180", "rot270", "flip_ud", "flip_lr", "transpose", "anti_transpose")
 COLOURS = ("none", "map", "fill")
+SWAPS = tuple(f"swap_{a}_{b}" for a in range(1, 10) for b in range(a + 1, 10))  # fixed colour transpositions
 N_COLOURS = 10  # 0 = background, 1..9 = colours (ARC's palette)
 
 Grid = np.ndarray  # (H, W) int8 in 0..9
@@ -87,9 +94,20 @@ def move(g: Grid, name: str) -> Grid:
     return gravity(g, name.split("_", 1)[1])
 
 
+def swap_colours(name: str) -> tuple[int, int]:
+    """'swap_3_7' -> (3, 7)."""
+    _, a, b = name.split("_")
+    return int(a), int(b)
+
+
 def recolour(g: Grid, kind: str, params: dict) -> Grid:
     if kind == "none":
         return g.copy()
+    if kind in SWAPS:
+        a, b = swap_colours(kind)
+        lut = np.arange(N_COLOURS, dtype=g.dtype)
+        lut[a], lut[b] = b, a
+        return lut[g]
     if kind == "map":
         lut = np.arange(N_COLOURS, dtype=g.dtype)
         for a, b in params["map"].items():
@@ -125,7 +143,8 @@ class Rule:
     def parse(name: str) -> "Rule":
         kw = {}
         for part in name.split("+"):
-            slot = "move" if part in MOVES else "geo" if part in GEOS else "colour" if part in COLOURS else None
+            slot = ("move" if part in MOVES else "geo" if part in GEOS else
+                    "colour" if part in COLOURS or part in SWAPS else None)
             if slot is None:
                 raise ValueError(f"unknown primitive {part!r} in rule {name!r}")
             kw[slot] = part
@@ -140,6 +159,8 @@ def _probe_grids(n: int = 6, seed: int = 12345) -> list[Grid]:
     for h, w in [(4, 5), (5, 5), (6, 4), (5, 7), (7, 6), (6, 6)][:n]:
         g = rng.integers(1, 5, size=(h, w)) * (rng.random((h, w)) < 0.45)
         out.append(g.astype(np.int8))
+    # every colour 1..9 present, so each swap_a_b has its own signature
+    out.append(np.concatenate([np.arange(10), np.arange(10)[::-1]]).reshape(4, 5).astype(np.int8))
     return out
 
 
@@ -155,10 +176,31 @@ def rule_signature(rule: Rule) -> str:
     return h.hexdigest()[:16]
 
 
+def expand_colours(colours) -> tuple[str, ...]:
+    """The colour ops a config enables, with the shorthand 'swap' expanded to all 36 swap_a_b."""
+    out: list[str] = []
+    for c in colours:
+        for name in (SWAPS if c == "swap" else (c,)):
+            if name not in COLOURS and name not in SWAPS:
+                raise ValueError(f"unknown colour op {name!r}; valid: {', '.join(COLOURS)}, swap, swap_a_b")
+            if name not in out:
+                out.append(name)
+    return tuple(out)
+
+
+def atoms(rule: Rule) -> set[str]:
+    """The parts training must show for a held-out rule to be an unseen composition of seen parts: each step, except
+    that a swap's parts are its two colours (swap_3_7 -> {'swap:3', 'swap:7'})."""
+    out = set()
+    for s in rule.steps:
+        out |= {f"swap:{c}" for c in swap_colours(s)} if s in SWAPS else {s}
+    return out
+
+
 def all_rules(moves=MOVES, geos=GEOS, colours=COLOURS) -> list[Rule]:
     """Every composition of the enabled primitives, minus identity, deduplicated by function (first name wins)."""
     seen, rules = set(), []
-    for m, g, c in itertools.product(moves, geos, colours):
+    for m, g, c in itertools.product(moves, geos, expand_colours(colours)):
         r = Rule(m, g, c)
         if r.name == "identity":
             continue
@@ -171,7 +213,7 @@ def all_rules(moves=MOVES, geos=GEOS, colours=COLOURS) -> list[Rule]:
 
 def split_rules(rules: list[Rule], n_heldout: int, seed: int, min_steps: int = 2,
                 pair_coverage: bool = True) -> tuple[list[Rule], list[Rule]]:
-    """Pick `n_heldout` compositions (>= min_steps primitives) to hold out so that every primitive, and with
+    """Pick `n_heldout` compositions (>= min_steps primitives) to hold out so that every atom (see atoms()), and with
     pair_coverage every pair of a held-out rule's primitives, still appears in some training rule."""
     rng = np.random.default_rng(seed)
     candidates = [r for r in rules if len(r.steps) >= min_steps]
@@ -182,9 +224,9 @@ def split_rules(rules: list[Rule], n_heldout: int, seed: int, min_steps: int = 2
             break
         trial = held + [candidates[i]]
         train = [r for r in rules if r not in trial]
-        seen_steps = {s for r in train for s in r.steps}
+        seen_atoms = set().union(*(atoms(r) for r in train))
         seen_pairs = {p for r in train for p in itertools.combinations(r.steps, 2)}
-        ok = all(set(r.steps) <= seen_steps for r in trial)
+        ok = all(atoms(r) <= seen_atoms for r in trial)
         if pair_coverage:
             ok = ok and all(set(itertools.combinations(r.steps, 2)) <= seen_pairs for r in trial)
         if ok:
@@ -243,8 +285,8 @@ def solve(demos: list[tuple[Grid, Grid]], test_inputs: list[Grid], rules: list[R
             if s.shape != y.shape:
                 ok = False
                 break
-            if rule.colour == "none":
-                ok = np.array_equal(s, y)
+            if rule.colour == "none" or rule.colour in SWAPS:
+                ok = np.array_equal(recolour(s, rule.colour, {}), y)
             elif rule.colour == "fill":
                 ok = np.array_equal(s[s != 0], y[s != 0]) and len(np.unique(y[s == 0])) <= 1
                 if ok and (s == 0).any():
@@ -284,6 +326,9 @@ def sample_puzzle(rule: Rule, rng: np.random.Generator, pid: str, n_demos: int =
     for _ in range(max_tries):
         palette = sorted(int(c) for c in rng.choice(np.arange(1, N_COLOURS), size=int(rng.integers(
             palette_size[0], palette_size[1] + 1)), replace=False))
+        if rule.colour in SWAPS:  # both swapped colours in every grid (palette colours always are), + 0-1 others
+            pair = swap_colours(rule.colour)
+            palette = sorted(set(pair) | set([c for c in palette if c not in pair][: len(palette) - 2]))
         params = _sample_params(rule, rng, palette)
         grids = [_random_grid(rng, palette, min_size, max_size, density) for _ in range(n_demos + n_tests)]
         pairs = [(g, rule.apply(g, params)) for g in grids]
@@ -354,7 +399,8 @@ class GridRulesConfig:
     seed: int = field(default=0, metadata={"help": "generator seed (rules split + instances)"})
     moves: tuple[str, ...] = field(default=MOVES, metadata={"help": "enabled move primitives ('none' = optional)"})
     geos: tuple[str, ...] = field(default=GEOS, metadata={"help": "enabled dihedral transforms ('id' = optional)"})
-    colours: tuple[str, ...] = field(default=COLOURS, metadata={"help": "enabled colour ops ('none' = optional)"})
+    colours: tuple[str, ...] = field(default=COLOURS, metadata={"help": "enabled colour ops ('none' = optional; "
+                                                                    "'swap' = all swap_a_b, or name them)"})
     heldout_rules: int = field(default=8, metadata={"help": "rules held out of training entirely"})
     heldout_min_steps: int = field(default=2, metadata={"help": "a held-out rule composes at least this many steps"})
     pair_coverage: bool = field(default=True, metadata={"help": "every step pair of a held-out rule seen in training"})

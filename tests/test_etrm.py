@@ -154,6 +154,9 @@ def test_etrm_smoke_golden_loss_and_encoder_metrics(tmp_path):
     test = json.loads((d / "evals" / "test_best_step2.json").read_text())
     assert test["split"] == "heldout" and test["split_mode"] == "heldout" and "by_rule" in test
     assert "identity_pass@1" in test["metrics"] and (d / "evals" / "submission_test_best_step2.json").exists()
+    ctrl = json.loads((d / "evals" / "test_best_step2+control=shuffled_demos.json").read_text())
+    assert ctrl["control"] == "shuffled_demos" and ctrl["base"] == "test_best_step2"
+    assert ctrl["n_tasks"] == test["n_tasks"]  # the same tasks, each reading another task's demonstrations
 
 
 def test_frozen_decoder_is_verified_at_every_checkpoint_and_by_the_cli(tmp_path):

@@ -182,7 +182,7 @@ def test_grid_rules_oracle_heldout_rules_and_planted_leak():
 
 
 def test_grid_rules_swaps_heldout_pairs_are_new_functions_of_seen_colours():
-    from reasonlab.tasks.grid_rules import GridRulesTask, Rule, atoms, solve, swap_colours
+    from reasonlab.tasks.grid_rules import GridRulesTask, Rule, atoms, solve, swap_pairs
 
     task = GridRulesTask(n_train=60, n_val=5, n_heldout=16, geos=["id"], moves=["none"], colours=["swap"],
                          heldout_rules=8, heldout_min_steps=1, pair_coverage=False)
@@ -193,7 +193,7 @@ def test_grid_rules_swaps_heldout_pairs_are_new_functions_of_seen_colours():
     g = np.array([[3, 7, 0], [7, 1, 3]], dtype=np.int8)
     assert Rule.parse("swap_3_7").apply(g, {}).tolist() == [[7, 3, 0], [3, 1, 7]]
     for p in task.puzzles("heldout"):
-        a, b = swap_colours(p.rule)
+        a, b = swap_pairs(p.rule)[0]
         assert all({a, b} <= set(np.unique(x).tolist()) for x, _ in p.demos)  # both colours in every demo
         sols = solve(p.demos, [x for x, _ in p.tests], task.rules)
         assert len(sols) == 1 and np.array_equal(sols[0][0], p.tests[0][1])

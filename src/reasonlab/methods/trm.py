@@ -112,6 +112,9 @@ class TRMEval(EvalConfig):
     ks: list = F([1, 2, 5, 10], "pass@k values reported")
     select: str = F("pass@2", "validation metric that picks the best checkpoint (pass@1 | pass@2 | exact)")
     submission: bool = F(True, "grid tasks: write evals/submission_<tag>.json (ARC Prize format)")
+    shuffled_demos: bool = F(True, "ETRM: also evaluate the test split with every task reading the NEXT task's "
+                             "demonstrations (control '+control=shuffled_demos'; a model that reads its demos "
+                             "should fall to ~0)")
 
 
 @dataclass
@@ -198,8 +201,10 @@ def train_batch(ds, step: int, cfg: Config, with_demos: bool) -> dict:
 # ----------------------------------------------------------------------------------------------------------- evaluate
 
 @torch.no_grad()
-def evaluate(model, ds, split: str, cfg: Config, conditioning, limit: int = 0) -> tuple[dict, list[dict], dict]:
-    """Run every query of `split` for halt_max_steps ACT steps, vote, score. -> (summary, records, ranked_by_task)."""
+def evaluate(model, ds, split: str, cfg: Config, conditioning, limit: int = 0,
+             shuffle_demos: bool = False) -> tuple[dict, list[dict], dict]:
+    """Run every query of `split` for halt_max_steps ACT steps, vote, score. -> (summary, records, ranked_by_task).
+    shuffle_demos (the ETRM control): every query reads the demonstrations of the next task in the split's order."""
     from reasonlab.eval.metrics import accuracy, mean_metric
     from reasonlab.tasks.grids import Candidate, pass_at_k, task_credit, vote
 
@@ -215,12 +220,21 @@ def evaluate(model, ds, split: str, cfg: Config, conditioning, limit: int = 0) -
     was_training = model.training
     model.eval()
     with_demos = conditioning is not None
+    if shuffle_demos:
+        order = list(dict.fromkeys(es.task[q] for q in keep))
+        first: dict[str, int] = {}
+        for q in keep:
+            first.setdefault(es.task[q], q)
+        donor = {t: first[order[(i + 1) % len(order)]] for i, t in enumerate(order)}  # task -> a query of the next
     cands: dict[tuple[str, int], list[Candidate]] = {}
     ident: dict[tuple[str, int], list[Candidate]] = {}  # the un-augmented view alone
     exact = []
     for s in range(0, len(keep), cfg.eval.batch_size):
         qs = keep[s:s + cfg.eval.batch_size]
         b = ds.batch(es.idx[qs], with_demos)
+        if shuffle_demos:
+            d = ds.batch(es.idx[[donor[es.task[q]] for q in qs]], True)
+            b.update({k: d[k] for k in ("demo_inputs", "demo_outputs", "demo_mask")})  # (B, K, L) x2, (B, K)
         carry = model.initial_carry(b)
         for _ in range(cfg.model.halt_max_steps):  # evaluation: every sample runs all steps
             carry, out = model(carry, b, conditioning=conditioning)
@@ -518,6 +532,13 @@ def main(cfg: Config, run: Run) -> dict:
             from reasonlab.tasks.grids import write_submission
 
             write_submission(run.dir / "evals" / f"submission_{tag}.json", ranked)
+        ctrl = None
+        if encoder is not None and cfg.eval.shuffled_demos and len(set(ds.evals[cfg.data.test_split].task)) > 1:
+            ctrl, crecs, _ = evaluate(model, ds, cfg.data.test_split, cfg, conditioning, cfg.eval.test_limit,
+                                      shuffle_demos=True)
+            ctrl.update(step=step, task=tname, tag=f"{tag}+control=shuffled_demos", final=True, control="shuffled_demos",
+                        base=tag, note="every task read the demonstrations of the next task in the split")
+            run.write_eval(ctrl["tag"], crecs, ctrl)
         tr = None
         if cfg.eval.train_limit and "train" in ds.evals:  # same weights, training tasks: the generalization gap
             tr, trecs, _ = evaluate(model, ds, "train", cfg, conditioning, cfg.eval.train_limit)
@@ -530,8 +551,11 @@ def main(cfg: Config, run: Run) -> dict:
     print(f"test {cfg.data.test_split} (checkpoint chosen on {cfg.data.val_split}, step {best['step']}): exact "
           f"{fmt(m['exact'])}; pass@1 {fmt(m['pass@1'])}" + (f"; pass@2 {fmt(m['pass@2'])}" if "pass@2" in m else "")
           + f" over {s['n_tasks']} tasks; train CPU {cpu_train:.0f}s")
+    if ctrl is not None:
+        print(f"control, shuffled demos (same checkpoint, same tasks): pass@1 {fmt(ctrl['metrics']['pass@1'])}")
     if tr is not None:
         print(f"train subset (same checkpoint): pass@1 {fmt(tr['metrics']['pass@1'])} over {tr['n_tasks']} tasks")
     result = {"final_step": step, "best_step": best["step"], "best_val": best["value"], "test": m,
-              "train_subset": tr["metrics"] if tr else None, "cpu_train_s": cpu_train, "setup_cpu_s": setup_cpu}
+              "train_subset": tr["metrics"] if tr else None,
+              "shuffled_demos": ctrl["metrics"] if ctrl else None, "cpu_train_s": cpu_train, "setup_cpu_s": setup_cpu}
     return result  # `reasonlab run` writes report.md once the run folder says how the run ended

@@ -8,6 +8,8 @@ A *rule* is a composition of up to three primitive slots, applied in this order:
                                                            fill: background -> one random colour)
              | swap_a_b                                   (colours a and b trade places, 1 <= a < b <= 9; the
                                                            shorthand "swap" enables all 36)
+             | swap_ab_cd                                 (two disjoint swaps at once, e.g. swap_12_34; "swap2"
+                                                           enables all 378)
 
 e.g. "gravity_left+rot90+map". A *puzzle instance* is one rule with instance-specific random parameters (the colour
 map, the fill colour, the grids' palette and sizes): `n_demos` demonstration pairs plus `n_tests` test pairs. The colour
@@ -17,10 +19,10 @@ carry them to a new instance.
 Splits are made by RULE: `heldout_rules` compositions never appear in training in any instance. The held-out rules are
 chosen among compositions whose primitives (and, with `pair_coverage`, every pair of whose non-trivial steps) do appear
 in training rules, so they are unseen compositions of seen parts: that is what makes generalization possible at all.
-A swap's parts are its two colours: a held-out swap_3_7 needs 3 and 7 each swapped (with other partners) in training.
-Swaps have no per-instance parameters, so a held-out swap is a function no training instance ever computed: the
-family where "rules never seen in training" is measurable at laptop scale (colour augmentation must then be off, since
-permuting colours turns one swap into another).
+Swaps have no per-instance parameters, so a held-out swap is a function no training instance ever computed (colour
+augmentation must then be off: permuting colours turns one swap into another). A single swap's parts are its two
+colours (held-out swap_3_7 needs 3 and 7 each swapped with other partners in training); a double swap's parts are its
+two pairs (held-out swap_12_34 needs (1 2) and (3 4) each trained inside other double swaps).
 Splits:
     train    instances of training rules                      (demos + tests may be used for training)
     val      fresh instances of training rules                 (held-out instances, seen rules)
@@ -48,6 +50,10 @@ MOVES = ("none", "gravity_down", "gravity_up", "gravity_left", "gravity_right")
 GEOS = ("id", "rot90", "rot180", "rot270", "flip_ud", "flip_lr", "transpose", "anti_transpose")
 COLOURS = ("none", "map", "fill")
 SWAPS = tuple(f"swap_{a}_{b}" for a in range(1, 10) for b in range(a + 1, 10))  # fixed colour transpositions
+_PAIRS = [(a, b) for a in range(1, 10) for b in range(a + 1, 10)]
+SWAPS2 = tuple(f"swap_{a}{b}_{c}{d}" for (a, b), (c, d) in itertools.combinations(_PAIRS, 2)
+               if len({a, b, c, d}) == 4)  # two disjoint transpositions at once
+ALL_SWAPS = frozenset(SWAPS + SWAPS2)
 N_COLOURS = 10  # 0 = background, 1..9 = colours (ARC's palette)
 
 Grid = np.ndarray  # (H, W) int8 in 0..9
@@ -94,19 +100,21 @@ def move(g: Grid, name: str) -> Grid:
     return gravity(g, name.split("_", 1)[1])
 
 
-def swap_colours(name: str) -> tuple[int, int]:
-    """'swap_3_7' -> (3, 7)."""
-    _, a, b = name.split("_")
-    return int(a), int(b)
+def swap_pairs(name: str) -> list[tuple[int, int]]:
+    """'swap_3_7' -> [(3, 7)]; 'swap_12_34' -> [(1, 2), (3, 4)]."""
+    parts = name.split("_")[1:]
+    if all(len(p) == 1 for p in parts):
+        return [(int(parts[0]), int(parts[1]))]
+    return [(int(p[0]), int(p[1])) for p in parts]
 
 
 def recolour(g: Grid, kind: str, params: dict) -> Grid:
     if kind == "none":
         return g.copy()
-    if kind in SWAPS:
-        a, b = swap_colours(kind)
+    if kind in ALL_SWAPS:
         lut = np.arange(N_COLOURS, dtype=g.dtype)
-        lut[a], lut[b] = b, a
+        for a, b in swap_pairs(kind):
+            lut[a], lut[b] = b, a
         return lut[g]
     if kind == "map":
         lut = np.arange(N_COLOURS, dtype=g.dtype)
@@ -144,7 +152,7 @@ class Rule:
         kw = {}
         for part in name.split("+"):
             slot = ("move" if part in MOVES else "geo" if part in GEOS else
-                    "colour" if part in COLOURS or part in SWAPS else None)
+                    "colour" if part in COLOURS or part in ALL_SWAPS else None)
             if slot is None:
                 raise ValueError(f"unknown primitive {part!r} in rule {name!r}")
             kw[slot] = part
@@ -177,12 +185,14 @@ def rule_signature(rule: Rule) -> str:
 
 
 def expand_colours(colours) -> tuple[str, ...]:
-    """The colour ops a config enables, with the shorthand 'swap' expanded to all 36 swap_a_b."""
+    """The colour ops a config enables, with the shorthands 'swap' (all 36 swap_a_b) and 'swap2' (all 378 swap_ab_cd)
+    expanded."""
     out: list[str] = []
     for c in colours:
-        for name in (SWAPS if c == "swap" else (c,)):
-            if name not in COLOURS and name not in SWAPS:
-                raise ValueError(f"unknown colour op {name!r}; valid: {', '.join(COLOURS)}, swap, swap_a_b")
+        for name in {"swap": SWAPS, "swap2": SWAPS2}.get(c, (c,)):
+            if name not in COLOURS and name not in ALL_SWAPS:
+                raise ValueError(f"unknown colour op {name!r}; valid: {', '.join(COLOURS)}, swap, swap2, swap_a_b, "
+                                 "swap_ab_cd")
             if name not in out:
                 out.append(name)
     return tuple(out)
@@ -190,10 +200,16 @@ def expand_colours(colours) -> tuple[str, ...]:
 
 def atoms(rule: Rule) -> set[str]:
     """The parts training must show for a held-out rule to be an unseen composition of seen parts: each step, except
-    that a swap's parts are its two colours (swap_3_7 -> {'swap:3', 'swap:7'})."""
+    that a single swap's parts are its colours (swap_3_7 -> {'swap:3', 'swap:7'}) and a double swap's its pairs
+    (swap_12_34 -> {'swap:1-2', 'swap:3-4'})."""
     out = set()
     for s in rule.steps:
-        out |= {f"swap:{c}" for c in swap_colours(s)} if s in SWAPS else {s}
+        if s in SWAPS:
+            out |= {f"swap:{c}" for c in swap_pairs(s)[0]}
+        elif s in ALL_SWAPS:
+            out |= {f"swap:{a}-{b}" for a, b in swap_pairs(s)}
+        else:
+            out.add(s)
     return out
 
 
@@ -285,7 +301,7 @@ def solve(demos: list[tuple[Grid, Grid]], test_inputs: list[Grid], rules: list[R
             if s.shape != y.shape:
                 ok = False
                 break
-            if rule.colour == "none" or rule.colour in SWAPS:
+            if rule.colour == "none" or rule.colour in ALL_SWAPS:
                 ok = np.array_equal(recolour(s, rule.colour, {}), y)
             elif rule.colour == "fill":
                 ok = np.array_equal(s[s != 0], y[s != 0]) and len(np.unique(y[s == 0])) <= 1
@@ -326,9 +342,9 @@ def sample_puzzle(rule: Rule, rng: np.random.Generator, pid: str, n_demos: int =
     for _ in range(max_tries):
         palette = sorted(int(c) for c in rng.choice(np.arange(1, N_COLOURS), size=int(rng.integers(
             palette_size[0], palette_size[1] + 1)), replace=False))
-        if rule.colour in SWAPS:  # both swapped colours in every grid (palette colours always are), + 0-1 others
-            pair = swap_colours(rule.colour)
-            palette = sorted(set(pair) | set([c for c in palette if c not in pair][: len(palette) - 2]))
+        if rule.colour in ALL_SWAPS:  # every swapped colour in every grid (palette colours always are), + 0-1 others
+            swapped = {c for pair in swap_pairs(rule.colour) for c in pair}
+            palette = sorted(swapped | set([c for c in palette if c not in swapped][: len(palette) - 2]))
         params = _sample_params(rule, rng, palette)
         grids = [_random_grid(rng, palette, min_size, max_size, density) for _ in range(n_demos + n_tests)]
         pairs = [(g, rule.apply(g, params)) for g in grids]
@@ -400,7 +416,7 @@ class GridRulesConfig:
     moves: tuple[str, ...] = field(default=MOVES, metadata={"help": "enabled move primitives ('none' = optional)"})
     geos: tuple[str, ...] = field(default=GEOS, metadata={"help": "enabled dihedral transforms ('id' = optional)"})
     colours: tuple[str, ...] = field(default=COLOURS, metadata={"help": "enabled colour ops ('none' = optional; "
-                                                                    "'swap' = all swap_a_b, or name them)"})
+                                                                    "'swap' / 'swap2' = all single / double swaps)"})
     heldout_rules: int = field(default=8, metadata={"help": "rules held out of training entirely"})
     heldout_min_steps: int = field(default=2, metadata={"help": "a held-out rule composes at least this many steps"})
     pair_coverage: bool = field(default=True, metadata={"help": "every step pair of a held-out rule seen in training"})

@@ -186,3 +186,39 @@ def test_frozen_decoder_is_verified_at_every_checkpoint_and_by_the_cli(tmp_path)
 
 
 GOLDEN_ETRM_LOSSES = [2.479675769805908, 2.711721181869507]  # leave-one-out demos
+
+
+def test_shuffled_demos_control_feeds_every_task_the_next_tasks_demos(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from reasonlab.config import load_config
+    from reasonlab.methods import trm as recipe
+    from reasonlab.models.trm import TRM, TRMConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(with_(GRID, model={"conditioning": "encoder"})))
+    cfg = load_config(path)
+    _, ds = recipe.build_data(cfg)
+    mcfg = dataclasses.replace(cfg.model, vocab_size=ds.vocab_size, seq_len=ds.seq_len, num_puzzle_ids=0)
+    model = TRM(TRMConfig(**{f.name: getattr(mcfg, f.name) for f in dataclasses.fields(TRMConfig)}))
+    seen: list[torch.Tensor] = []
+
+    def conditioning(data):  # records what the encoder would read; the decoder gets a zero prefix
+        seen.append(data["demo_inputs"].clone())
+        return torch.zeros(data["demo_inputs"].shape[0], mcfg.puzzle_emb_len, mcfg.hidden_size)
+
+    recipe.evaluate(model, ds, "heldout", cfg, conditioning)
+    own = seen[0]  # (Q, K, L): first ACT step of the one eval batch
+    seen.clear()
+    recipe.evaluate(model, ds, "heldout", cfg, conditioning, shuffle_demos=True)
+    shuffled = seen[0]
+    tasks = ds.evals["heldout"].task
+    order = list(dict.fromkeys(tasks))
+    first = {t: tasks.index(t) for t in order}
+    assert len(order) > 1
+    for q, t in enumerate(tasks):
+        donor = order[(order.index(t) + 1) % len(order)]
+        assert torch.equal(shuffled[q], own[first[donor]])
+        assert not torch.equal(shuffled[q], own[q])  # never its own demonstrations

@@ -180,3 +180,17 @@ def test_compare_pairs_set_metrics_of_multi_sample_evals(tmp_path):
     assert pairs["self_bleu"][0]["q2"] == pytest.approx(D.self_bleu(["x y"] * 3))
     one = write("one", {"q1": [(1, "3")], "q2": [(0, "4")]})
     assert set_metric_pairs(one, b) == {}  # one sample per question: accuracy only
+
+
+def test_test_peak_note_only_when_an_earlier_test_eval_beats_the_final(root):
+    """A before-training baseline on test plus the final test eval: the final is the peak, so nothing is flagged; a
+    final below an earlier test eval is flagged as an optimistic peak."""
+    for name, base_preds in (("final-is-peak", [0, 1, 1, 1]), ("earlier-peak", [0, 0, 0, 0])):
+        run = tinyrun.open_run(root, name, "classifier", steps=1, lr=0.1)
+        golds = [0, 0, 0, 0]
+        tinyrun.write_eval(run, "test_base_step0", range(4), base_preds, golds, split="test", step=0)
+        tinyrun.write_eval(run, "test_final", range(4), [0, 0, 1, 1], golds, split="test", step=1, final=True)
+        run.finish(results={})
+        text = write_report(run.dir).read_text()
+        row = next(line for line in text.splitlines() if line.startswith("| test |"))
+        assert ("optimistic" in row) == (name == "earlier-peak"), row

@@ -156,8 +156,8 @@ def results_section(rf: RunFolder) -> str:
         finals.append(final[0])
         peak = max(named, key=lambda x: float(x[2]["value"]) if finite(float(x[2]["value"])) else -math.inf)
         note = ""
-        if split == "test" and len(named) > 1:
-            note = f"peak is a max over {len(named)} test evals: optimistic, do not report it"
+        if split == "test" and len(named) > 1 and peak[0] is not final[0]:
+            note = f"peak is a max over {len(named)} test evals: optimistic, do not report it; report the final"
         elif peak[0] is not final[0] and float(final[2]["value"]) != float(peak[2]["value"]):
             note = f"final is {float(final[2]['value']) - float(peak[2]['value']):+.3f} from the peak"
         rows.append([split, task or "-", final[1], f"{fmt_metric(peak[2])} @ step {peak[0].step} ({peak[0].tag})",

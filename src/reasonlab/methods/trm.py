@@ -448,8 +448,10 @@ def main(cfg: Config, run: Run) -> dict:
               f"pass@2 {m.get('pass@2', m['pass@1'])['value']:.3f} over {s['n_tasks']} tasks", flush=True)
 
     n_val_tasks = len(set(ds.evals[cfg.data.val_split].task))
-    n_test_tasks = len(set(ds.evals[cfg.data.test_split].task))
-    run.final_eval_scale = 1.0 + (cfg.eval.test_limit or n_test_tasks) / max(1, cfg.eval.limit or n_val_tasks)
+    n_test_tasks = min(cfg.eval.test_limit or math.inf, len(set(ds.evals[cfg.data.test_split].task)))
+    # the shuffled-demos control needs a second task to borrow demonstrations from; it doubles the test eval
+    control = encoder is not None and cfg.eval.shuffled_demos and n_test_tasks > 1
+    run.final_eval_scale = 1.0 + (1 + control) * n_test_tasks / max(1, cfg.eval.limit or n_val_tasks)
     watcher = Watcher(run, cfg.watch)
     audit_ps = [p for p in dense + enc_ps if p.requires_grad]  # dense only: the sparse puzzle table is skipped
     setup_s, setup_cpu = time.time() - t_setup, time.process_time() - cpu_setup
@@ -533,11 +535,12 @@ def main(cfg: Config, run: Run) -> dict:
 
             write_submission(run.dir / "evals" / f"submission_{tag}.json", ranked)
         ctrl = None
-        if encoder is not None and cfg.eval.shuffled_demos and len(set(ds.evals[cfg.data.test_split].task)) > 1:
+        if control:
             ctrl, crecs, _ = evaluate(model, ds, cfg.data.test_split, cfg, conditioning, cfg.eval.test_limit,
                                       shuffle_demos=True)
-            ctrl.update(step=step, task=tname, tag=f"{tag}+control=shuffled_demos", final=True, control="shuffled_demos",
-                        base=tag, note="every task read the demonstrations of the next task in the split")
+            ctrl.update(step=step, task=tname, tag=f"{tag}+control=shuffled_demos", final=True,
+                        control="shuffled_demos", base=tag,
+                        note="every task read the demonstrations of the next task in the split")
             run.write_eval(ctrl["tag"], crecs, ctrl)
         tr = None
         if cfg.eval.train_limit and "train" in ds.evals:  # same weights, training tasks: the generalization gap

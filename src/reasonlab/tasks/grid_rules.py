@@ -344,7 +344,8 @@ def sample_puzzle(rule: Rule, rng: np.random.Generator, pid: str, n_demos: int =
             palette_size[0], palette_size[1] + 1)), replace=False))
         if rule.colour in ALL_SWAPS:  # every swapped colour in every grid (palette colours always are), + 0-1 others
             swapped = {c for pair in swap_pairs(rule.colour) for c in pair}
-            palette = sorted(swapped | set([c for c in palette if c not in swapped][: len(palette) - 2]))
+            others = [c for c in palette if c not in swapped]
+            palette = sorted(swapped | set(others[: len(palette) - 2]))  # len(palette) is 2-3: 0-1 unswapped colours
         params = _sample_params(rule, rng, palette)
         grids = [_random_grid(rng, palette, min_size, max_size, density) for _ in range(n_demos + n_tests)]
         pairs = [(g, rule.apply(g, params)) for g in grids]

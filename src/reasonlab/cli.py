@@ -67,7 +67,9 @@ def run(
         typer.echo(to_yaml(cfg, comments=True), nl=False)
         raise typer.Exit(0)
 
-    dist.init()
+    from reasonlab import training
+
+    training.init_processes(cfg.train)  # before anything collective (rank 0 names the run folder for everyone)
     module = get_method(cfg.method)
     created = False
     if dry_run:

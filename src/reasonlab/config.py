@@ -16,6 +16,7 @@ from reasonlab.errors import UserError
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ def F(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:  # n
     return dataclasses.field(default=default, metadata=meta, **kwargs)
 
 
+Schedule = Literal["constant", "linear", "cosine"]
+Precision = Literal["fp32", "bf16", "fp16"]
+DEVICE_RE = r"auto|cpu|cuda(:\d+)?"
+
+
 @dataclass
 class TrainConfig:
     steps: int = F(100, "optimizer steps to train")
@@ -46,7 +52,17 @@ class TrainConfig:
     batch_size: int = F(8, "examples per optimizer step (global, across processes)")
     weight_decay: float = F(0.0, "AdamW weight decay")
     grad_clip: float = F(1.0, "max global gradient norm; 0 disables clipping")
-    warmup_steps: int = F(0, "linear warm-up steps before the constant/cosine schedule")
+    warmup_steps: int = F(0, "linear warm-up steps before the schedule")
+    schedule: Schedule = F("constant", "learning rate after warm-up: constant | linear (decay to min_lr_ratio) | "
+                           "cosine (to min_lr_ratio)")
+    min_lr_ratio: float = F(0.0, "linear/cosine: the final learning rate as a fraction of the peak")
+    device: str = F("auto", "auto (CUDA when available) | cpu | cuda | cuda:N (one process; several processes take "
+                    "one GPU each)")
+    precision: Precision = F("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + loss scaling, CUDA only)")
+    gpus: int = F(0, "GPUs this config is sized for (0: a CPU config); on a machine without them the run warns at "
+                  "start and in its report")
+    gpu_memory_gb: int = F(0, "memory per GPU this config is sized for (0: any)")
+    threads: int = F(0, "torch CPU threads per process (0: torch's default)")
     log_every: int = F(1, "write train/* metrics every N steps")
     checkpoint_every: int = F(0, "save a checkpoint every N steps (0: only at the end and on stop)")
     keep_checkpoints: int = F(2, "how many step_N checkpoints to keep (newest); 'best' is kept separately")
@@ -58,6 +74,14 @@ class TrainConfig:
             raise ValueError("train.lr must be >= 0")
         if self.batch_size < 1:
             raise ValueError("train.batch_size must be >= 1")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1]")
+        if not re.fullmatch(DEVICE_RE, self.device):
+            close = difflib.get_close_matches(self.device, ["auto", "cpu", "cuda", "cuda:0"], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"train.device must be auto | cpu | cuda | cuda:N, got {self.device!r}{hint}")
+        if self.gpus < 0 or self.gpu_memory_gb < 0 or self.threads < 0:
+            raise ValueError("train.gpus, train.gpu_memory_gb and train.threads must be >= 0")
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Distributed helpers. Recipes run unchanged under `accelerate launch` (or torchrun): one process per device, gloo on
-CPU, NCCL on GPU. Everything here is a no-op in a single process.
+"""Low-level distributed helpers (rank, collectives on Python objects). Recipes run unchanged under `accelerate launch`
+(or torchrun): one process per device, gloo on CPU, NCCL on GPU. Everything here is a no-op in a single process; the
+training mechanics built on it (DDP, precision, sharded evaluation) are in reasonlab.training.
 
-    dist.init()                    # before anything collective; `reasonlab run` calls it
+    dist.init(cpu=True)            # before anything collective; `reasonlab run` calls it
     dist.print0("only rank 0")
     seed_everything(cfg.seed)      # same seed on every rank: identical init and identical data permutation
     local = dist.shard(batch)      # this rank's slice of a global batch
@@ -17,12 +18,14 @@ import torch
 import torch.distributed as td
 
 
-def init() -> None:
-    """Initialise the process group when launched with several processes (WORLD_SIZE > 1)."""
+def init(cpu: bool | None = None) -> None:
+    """Initialise the process group when launched with several processes (WORLD_SIZE > 1): gloo when the processes
+    compute on the CPU (`cpu`, default: no CUDA device), NCCL on GPUs. accelerate only takes the CPU path when told so:
+    without it, processes on a machine without CUDA silently run as independent single processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
         from accelerate import PartialState
 
-        PartialState()  # reads the launcher's env, picks gloo on CPU / nccl on GPU
+        PartialState(cpu=not torch.cuda.is_available() if cpu is None else cpu)
 
 
 def is_dist() -> bool:
@@ -51,21 +54,36 @@ def barrier() -> None:
         td.barrier()
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if not is_dist():
+        return t
+    return _reduce(t, td.ReduceOp.SUM)
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: NCCL only reduces CUDA tensors, gloo CPU ones."""
+    if td.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduce(t: torch.Tensor, op) -> torch.Tensor:
+    x = t.detach().to(_comm_device(), copy=True)
+    td.all_reduce(x, op=op)
+    return x.to(t.device)
+
+
 def any_true(flag: bool) -> bool:
     """True on every rank if it is True on any rank (so all ranks stop at the same step)."""
     if not is_dist():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    td.all_reduce(t, op=td.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return bool(_reduce(torch.tensor([1.0 if flag else 0.0]), td.ReduceOp.MAX).item() > 0)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return t
-    t = t.clone()
-    td.all_reduce(t, op=td.ReduceOp.SUM)
-    return t / world_size()
+    return _reduce(t, td.ReduceOp.SUM) / world_size()
 
 
 def gather_object(obj) -> list:

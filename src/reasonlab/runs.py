@@ -390,11 +390,19 @@ class Run:
                    "world_size": dist.world_size(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    "time_limit_s": time_limit, "resumed_from": str(self.resume_from.path) if self.resume_from else None}
             name = "env.json" if not resume else f"env.resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
-            _atomic_write_text(self.dir / name, json.dumps(env, indent=2) + "\n")
+            self._env, self._env_path = env, self.dir / name
+            _atomic_write_text(self._env_path, json.dumps(env, indent=2) + "\n")
             tc = cfg.tracking
             self.tracker = _make_tracker(self.dir, tc, cfg) if not dry_run else None
         if install_signals:
             self._install_signal_handlers()
+
+    def record_env(self, **entries) -> None:
+        """Add entries to env.json (the recipe's compute: device and precision actually used, world size)."""
+        if not self.is_main or self.dry_run:
+            return
+        self._env.update(entries)
+        _atomic_write_text(self._env_path, json.dumps(self._env, indent=2) + "\n")
 
     # --- logging -------------------------------------------------------------------------------------------------
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -482,16 +490,17 @@ class Run:
         """Collective: every rank calls it (RNG states are gathered); rank 0 writes. `name='best'` for the
         validation-chosen checkpoint; default step_<step>, pruned to train.keep_checkpoints."""
         rngs = dist.gather_object(rng_state())
-        if not self.is_main or self.dry_run:
-            return None
-        with self.phase("checkpoint"):
-            target = self.dir / "checkpoints" / (name or f"step_{step}")
-            ck = save_checkpoint_dir(target, step, modules=modules, optimizer=optimizer, scheduler=scheduler,
-                                     state=state, params=params, rng_states=rngs)
-            if name is None:
-                keep = max(1, getattr(self.cfg.train, "keep_checkpoints", 2))
-                for old in list_checkpoints(self.dir)[keep:]:
-                    shutil.rmtree(old.path, ignore_errors=True)
+        ck = None
+        if self.is_main and not self.dry_run:
+            with self.phase("checkpoint"):
+                target = self.dir / "checkpoints" / (name or f"step_{step}")
+                ck = save_checkpoint_dir(target, step, modules=modules, optimizer=optimizer, scheduler=scheduler,
+                                         state=state, params=params, rng_states=rngs)
+                if name is None:
+                    keep = max(1, getattr(self.cfg.train, "keep_checkpoints", 2))
+                    for old in list_checkpoints(self.dir)[keep:]:
+                        shutil.rmtree(old.path, ignore_errors=True)
+        dist.barrier()  # every rank may read it next (the best checkpoint before the test eval)
         return ck
 
     # --- end -----------------------------------------------------------------------------------------------------

@@ -621,6 +621,19 @@ def detect_run_end(rf: RunFolder, th: Thresholds) -> list[Finding]:
     return out
 
 
+def detect_compute(rf: RunFolder, th: Thresholds) -> list[Finding]:
+    """A config sized for GPUs that ran without them (env.json "compute", written by reasonlab.training.setup)."""
+    c = rf.env.get("compute") or {}
+    if not c.get("warning"):
+        return []
+    return [_f("warning", "compute_mismatch", c["warning"], [], [],
+               explanation=f"The run used {c.get('device')} in {c.get('precision')} with {c.get('world_size', 1)} "
+                           "process(es); its config (train.gpus, train.gpu_memory_gb) says what it was sized for, and "
+                           "its timings and any result say nothing about that scale.",
+               recommendation="Run it where the GPUs are (`reasonlab run CONFIG --dry-run` prints what it would use), "
+                              "or shrink it to a CPU config.")]
+
+
 REFERENCE_CONTROLS = ("target_text", "text")  # references to report, not bars the method must clear
 
 
@@ -705,7 +718,7 @@ def detect_checkpoint_selection(rf: RunFolder, th: Thresholds) -> list[Finding]:
 
 
 DETECTORS: list[Callable[[RunFolder, Thresholds], list[Finding]]] = [
-    detect_run_end, detect_nonfinite, detect_zero_grad_terms, detect_ppo_ratio, detect_reward_signal,
+    detect_run_end, detect_compute, detect_nonfinite, detect_zero_grad_terms, detect_ppo_ratio, detect_reward_signal,
     detect_encoder_collapse, detect_output_collapse, detect_repetition, detect_weights, detect_generalization_gap,
     detect_no_improvement, detect_leakage, detect_eval_power, detect_controls, detect_checkpoint_selection,
 ]

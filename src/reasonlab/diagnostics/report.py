@@ -114,6 +114,17 @@ def _clip(text, n: int) -> str:
 # --------------------------------------------------------------------------------------------------------- sections
 
 
+def _compute(env: dict) -> str:
+    """Device, precision and processes the run actually used (env.json "compute"; older runs: the device only)."""
+    c = env.get("compute")
+    if not c:
+        return (env.get("device") or {}).get("device", "-")
+    gpu = f" ({c['gpu']}, {c.get('gpu_memory_gb')} GB)" if c.get("gpu") else ""
+    procs = f", {c['world_size']} processes ({c.get('distributed')}, {c.get('backend')})" if c.get("world_size", 1) > 1 \
+        else ", 1 process"
+    return f"{c.get('device')}{gpu}, {c.get('precision')}{procs}"
+
+
 def run_state(rf: RunFolder) -> str:
     s = rf.summary
     if s is None:
@@ -133,7 +144,7 @@ def header(rf: RunFolder, status: str, reason: str, found: list[Finding]) -> str
             ["elapsed", f"{elapsed:.0f} s" if isinstance(elapsed, (int, float)) else "-"],
             ["started", env.get("started", "-")], ["seed", cfg.get("seed", env.get("seed", "-"))],
             ["git", f"{git.get('sha') or '-'}{' (dirty working tree)' if git.get('dirty') else ''}"],
-            ["device", (env.get("device") or {}).get("device", "-")]]
+            ["compute", _compute(env)]]
     return (f"# Run report: {rf.dir.name}\n\n**Status: {status.upper()}** — {reason}\n\n"
             f"Findings: {counts['failed']} failed, {counts['warning']} warning, {counts['info']} info.\n\n"
             + _table(["", ""], rows))

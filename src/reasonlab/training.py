@@ -1,0 +1,406 @@
+"""The mechanics every recipe shares, one function each (the loops stay in the recipes, one file per method).
+
+    compute = training.setup(cfg.train, run)              # device, precision, processes -> env.json, warnings
+    model, opt = compute.prepare(model, opt)              # on the device; DDP across processes (accelerate)
+    sched = training.lr_schedule(opt, cfg.train)          # constant | linear | cosine after a linear warm-up
+    with compute.autocast():                              # bf16 / fp16 autocast (fp32: nothing)
+        loss = ...
+    compute.backward(loss)                                # fp16: scaled
+    gnorm = compute.clip_grad_norm(params, cfg.train.grad_clip)
+    opt.step()
+    records = training.sharded(compute, examples, fn)     # evaluation split over processes, gathered in order
+    best = training.Best("accuracy")                      # the checkpoint chosen on validation, never on test
+    if training.eval_due(cfg.eval.every, step, cfg.train.steps):
+        best.offer(step, validate(step), save)
+    result = training.final_eval(run, step, best, modules=..., validate=..., save=..., test=...)
+
+Distributed: `reasonlab run` under `accelerate launch` (or torchrun) starts one process per device; `setup` builds an
+accelerate `Accelerator` on the process group and `prepare` wraps the trainable modules in DistributedDataParallel, so
+gradients are averaged by DDP's hooks during backward (no gradient all-reduce by hand). Every rank takes an equal
+contiguous shard of each global batch (reasonlab.dist.shard) and losses are means over equal shards, so the update
+equals the one-process update on the same global batch. Only rank 0 writes the run folder.
+
+FSDP and DeepSpeed are not offered: every LLM recipe here runs several forwards of one module before one backward (a
+shared prompt's KV cache reused across its group, the answer scored after the CoT, the reference), and FSDP2 cannot
+backpropagate through that (measured with torch 2.13, 2 gloo processes: "setStorage ... storage of size 0").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from reasonlab import dist
+from reasonlab.errors import UserError
+
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # ours -> accelerate's mixed_precision
+SIGNALS = ("SIGTERM", "SIGINT")
+
+
+class ComputeError(UserError, RuntimeError):
+    """A device / precision / process request this machine cannot serve (one line naming the fix)."""
+
+
+# ----------------------------------------------------------------------------------------------------------- device
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cuda' / 'cuda:N' need a CUDA device; several processes take one GPU
+    each (LOCAL_RANK), so 'cuda:N' is for one process only."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ComputeError(f"train.device={spec} but torch {torch.__version__} sees no CUDA device (a CPU build, "
+                               "or no GPU here): use train.device=auto or cpu")
+        if ":" in spec:
+            index = int(spec.split(":")[1])
+            if dist.world_size() > 1:
+                raise ComputeError(f"train.device={spec} with {dist.world_size()} processes: each process takes its "
+                                   "own GPU; use train.device=cuda (and CUDA_VISIBLE_DEVICES to choose them)")
+            if index >= torch.cuda.device_count():
+                raise ComputeError(f"train.device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
+            return torch.device("cuda", index)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise ComputeError(f"train.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ComputeError("train.precision=fp16 needs a CUDA device (loss scaling); on CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ComputeError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16: use fp16")
+
+
+def gpu_expectation(tc, device: torch.device) -> str | None:
+    """A one-line warning when the config is sized for GPUs this run does not have, else None."""
+    if not tc.gpus:
+        return None
+    want = f"{tc.gpus} GPU{'s' if tc.gpus > 1 else ''}" + (f" with >= {tc.gpu_memory_gb} GB" if tc.gpu_memory_gb else "")
+    if device.type != "cuda":
+        return (f"this config is sized for {want} (train.gpus) but runs on the CPU: expect it to be far too slow and "
+                "large for this machine; run it on a GPU machine")
+    have = torch.cuda.device_count()
+    mem = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if tc.gpu_memory_gb and mem < tc.gpu_memory_gb:
+        return f"this config is sized for {want} but {torch.cuda.get_device_name(device)} has {mem:.0f} GB"
+    if dist.world_size() < tc.gpus <= have:
+        return f"this config is sized for {want} but runs in {dist.world_size()} process(es): use accelerate launch"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------- compute
+
+@dataclass
+class Compute:
+    """Where and how a recipe computes: one device, one precision, `world_size` processes (accelerate underneath)."""
+
+    accelerator: Any
+    device: torch.device
+    precision: str
+    world_size: int
+    rank: int
+    warning: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> str:
+        return "ddp" if self.world_size > 1 else "none"
+
+    def describe(self) -> dict:
+        """What env.json and the report record: the device and precision actually used."""
+        d = {"device": str(self.device), "precision": self.precision, "world_size": self.world_size,
+             "distributed": self.distributed, "backend": dist_backend()}
+        if self.device.type == "cuda":
+            d["gpu"] = torch.cuda.get_device_name(self.device)
+            d["gpu_memory_gb"] = round(torch.cuda.get_device_properties(self.device).total_memory / 2**30, 1)
+        if self.warning:
+            d["warning"] = self.warning
+        return d
+
+    def line(self) -> str:
+        d = self.describe()
+        gpu = f" ({d['gpu']}, {d['gpu_memory_gb']} GB)" if "gpu" in d else ""
+        return (f"compute: {d['device']}{gpu}, {d['precision']}, {self.world_size} process"
+                f"{'es' if self.world_size > 1 else ''}{' (DDP, ' + d['backend'] + ')' if self.world_size > 1 else ''}")
+
+    # --- models and optimizers
+    def prepare(self, *objs, find_unused: bool = False):
+        """Modules to the device (DDP-wrapped when there are several processes and the module trains), optimizers
+        wrapped for loss scaling. Returns the objects in order (one object: that object). `find_unused`: some
+        trainable parameters may get no gradient in a step (an auxiliary head with weight 0); by default every
+        recipe's loss touches every trainable parameter, and a term that does not is the gradient audit's business."""
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=find_unused)
+        out = []
+        for o in objs:
+            if isinstance(o, torch.nn.Module) and not any(p.requires_grad for p in o.parameters()):
+                out.append(o.to(self.device))  # nothing to synchronize: DDP refuses modules without gradients
+            else:
+                out.append(self.accelerator.prepare(o))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def unwrap(self, model):
+        """The module under the DDP wrapper (for generation, the reference policy, checkpoints)."""
+        return self.accelerator.unwrap_model(model, keep_fp32_wrapper=True)
+
+    def autocast(self):
+        return self.accelerator.autocast() if self.precision != "fp32" else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, params, max_norm: float) -> float:
+        """Clip the global gradient norm to max_norm (0: no clipping) and return the norm before clipping (fp16
+        gradients unscaled first)."""
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return 0.0
+        return float(self.accelerator.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else math.inf))
+
+    def no_sync(self, model):
+        """Accumulate gradients locally (no DDP all-reduce) for all but the last backward of an optimizer step."""
+        return self.accelerator.no_sync(model) if self.world_size > 1 else contextlib.nullcontext()
+
+    # --- data
+    def to(self, x):
+        """Tensors (also inside dicts, lists, tuples and objects with `.to`) onto the device."""
+        if torch.is_tensor(x) or hasattr(x, "to") and not isinstance(x, torch.nn.Module):
+            return x.to(self.device)
+        if isinstance(x, dict):
+            return {k: self.to(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(self.to(v) for v in x)
+        return x
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous slice of a global batch (its size must divide over the processes)."""
+        return dist.shard(items, self.rank, self.world_size)
+
+    # --- metrics
+    def mean(self, value) -> float:
+        """The mean of a per-rank scalar over ranks (every rank gets it)."""
+        return float(dist.all_reduce_mean(torch.as_tensor(float(value), dtype=torch.float64)))
+
+    def sum(self, value) -> float:
+        return float(dist.all_reduce_sum(torch.as_tensor(float(value), dtype=torch.float64)))
+
+    def gather(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        return dist.gather_object(obj)
+
+
+def autocast_of(compute: Compute | None):
+    """compute.autocast(), or nothing when there is no Compute (library callers, tests)."""
+    return compute.autocast() if compute is not None else contextlib.nullcontext()
+
+
+def dist_backend() -> str | None:
+    import torch.distributed as td
+
+    return td.get_backend() if dist.is_dist() else None
+
+
+def init_processes(tc) -> None:
+    """Start the process group before anything collective (`reasonlab run` calls it before naming the run folder):
+    gloo when the processes compute on the CPU, NCCL on GPUs."""
+    dist.init(cpu=tc.device == "cpu" or not torch.cuda.is_available())
+
+
+def setup(tc, run=None) -> Compute:
+    """Device, precision and processes for a recipe from its `train` section (reasonlab.config.TrainConfig): threads,
+    an accelerate Accelerator on the process group, what was chosen written to env.json and printed, and a one-line
+    warning (printed, in events.jsonl and the report) when the config is sized for GPUs this run does not have."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    check_precision(tc.precision, device)
+    cpu = device.type == "cpu"
+    init_processes(tc)
+    if not dist.is_dist():  # one process: forget an earlier Accelerator of this process (tests run several recipes)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if device.type == "cuda":
+            os.environ["ACCELERATE_TORCH_DEVICE"] = str(device)
+    acc = Accelerator(cpu=cpu, mixed_precision=PRECISIONS[tc.precision])
+    os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
+    kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ComputeError(f"launched with {kind}, which reasonlab's recipes do not support (they run several forwards "
+                           "of one module per backward): launch with --config_file configs/accelerate/ddp.yaml")
+    if acc.num_processes != dist.world_size():
+        raise ComputeError(f"accelerate sees {acc.num_processes} process(es) but the launcher started "
+                           f"{dist.world_size()}: launch with `accelerate launch` or torchrun")
+    compute = Compute(acc, acc.device if not cpu else torch.device("cpu"), tc.precision, dist.world_size(),
+                      dist.rank(), gpu_expectation(tc, acc.device))
+    if run is not None:
+        run.record_env(compute=compute.describe())
+        if compute.warning:
+            run.event(0, "gpu_expected", compute.warning, severity="warning")
+    dist.print0(compute.line())
+    if compute.warning:
+        dist.print0(f"warning: {compute.warning}")
+    return compute
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed on every rank: identical initialization and data order everywhere."""
+    dist.seed_everything(seed)
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on rank 0 only."""
+    dist.print0(*args, **kwargs)
+
+
+def vllm_settings(mc, seed: int) -> dict:
+    """The vLLM engine of a causal-LM model config (reasonlab.models.lm.ModelConfig): the same base weights the policy
+    was loaded from, in the policy's dtype."""
+    from reasonlab.models.lm import resolve_model_path
+
+    path = mc.name if mc.name == "tiny-random" else resolve_model_path(mc.name)[0]
+    return {"model_path": path, "dtype": mc.dtype, "gpu_memory_utilization": mc.vllm_memory,
+            "max_model_len": mc.vllm_max_len, "seed": seed}
+
+
+def sync_sparse_grads(params, compute: Compute) -> None:
+    """Average SPARSE gradients (a puzzle-id embedding table) over the processes. DDP all-reduces dense buckets only
+    and NCCL has no sparse all-reduce, so each process's touched rows (indices, values) are all-gathered and summed /
+    world size — what the official TRM does for its puzzle embedding. Keep such tables out of DDP
+    (`ddp_ignore`); dense parameters never come here."""
+    if compute.world_size == 1:
+        return
+    for p in params:
+        g = p.grad
+        if g is not None and not g.is_sparse:
+            raise ValueError("sync_sparse_grads is for sparse gradients; DDP synchronizes dense ones")
+        g = g.coalesce() if g is not None else None
+        local = (g.indices().cpu(), g.values().cpu()) if g is not None else None
+        parts = [x for x in compute.gather(local) if x is not None]
+        if not parts:
+            continue
+        idx = torch.cat([i for i, _ in parts], dim=1)  # (1, n_rows_all)
+        vals = torch.cat([v for _, v in parts]) / compute.world_size  # (n_rows_all, D)
+        p.grad = torch.sparse_coo_tensor(idx, vals, p.shape, check_invariants=False).coalesce().to(p.device)
+
+
+def ddp_ignore(module: torch.nn.Module, names: list[str]) -> None:
+    """Parameters DDP must leave alone (synchronized another way, e.g. sync_sparse_grads)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
+# --------------------------------------------------------------------------------------------------------- schedule
+
+def lr_factor(step: int, tc) -> float:
+    """The learning-rate multiplier at `step` (0-based): linear warm-up over train.warmup_steps, then constant, or a
+    linear / cosine decay to train.min_lr_ratio at train.steps."""
+    w = tc.warmup_steps
+    if step < w:
+        return (step + 1) / w
+    if tc.schedule == "constant":
+        return 1.0
+    t = min(1.0, (step - w) / max(1, tc.steps - w))
+    lo = tc.min_lr_ratio
+    if tc.schedule == "linear":
+        return lo + (1.0 - lo) * (1.0 - t)
+    if tc.schedule == "cosine":
+        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ValueError(f"train.schedule must be constant | linear | cosine, got {tc.schedule!r}")
+
+
+def lr_schedule(opt, tc) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over lr_factor; step it once per optimizer step (its state goes into every checkpoint)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
+
+def eval_due(every: int, step: int, steps: int) -> bool:
+    """A periodic validation after `step` (1-based count of steps done)? Never at the last step: the final
+    validation covers it. every <= 0: no periodic evaluation."""
+    return every > 0 and step % every == 0 and step < steps
+
+
+def sharded(compute: Compute | None, items: list, fn: Callable[[list, int], list]) -> list:
+    """fn(local_items, offset) on each rank's contiguous slice of `items` (offset = the slice's first global index,
+    for per-example seeds), the per-item results concatenated in the global order on every rank. Slices may differ
+    in size by one, so nothing inside fn may be collective."""
+    if compute is None or compute.world_size == 1:
+        return list(fn(list(items), 0))
+    n, k = len(items), compute.world_size
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    a, b = bounds[compute.rank], bounds[compute.rank + 1]
+    local = list(fn(list(items[a:b]), a))
+    if len(local) != b - a:
+        raise RuntimeError(f"sharded: fn returned {len(local)} results for {b - a} items")
+    return [r for part in compute.gather(local) for r in part]
+
+
+@dataclass
+class Best:
+    """The checkpoint chosen on validation (the highest `metric` so far; a tie keeps the earlier step). Saved as
+    checkpoints/best; the test split is evaluated once, at the end, on it — never used to choose."""
+
+    metric: str
+    value: float = -math.inf
+    step: int = -1
+    last_offered: int | None = field(default=None, compare=False)
+
+    def offer(self, step: int, value: float, save: Callable[..., Any]) -> bool:
+        """A validation result of the weights at `step`; a new best is saved as checkpoints/best (collective)."""
+        self.last_offered = step
+        if value > self.value:
+            self.value, self.step = float(value), step
+            save(step, name="best")
+            return True
+        return False
+
+    def state(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "step": self.step}
+
+    @classmethod
+    def from_state(cls, state: dict, metric: str) -> "Best":
+        """From a checkpoint's state (older checkpoints stored {"acc" | "value", "step"})."""
+        s = state.get("best") or {}
+        value = s.get("value", s.get("acc", -math.inf))
+        return cls(s.get("metric", metric), -math.inf if value is None else float(value), int(s.get("step", -1)))
+
+
+def checkpoint_due(tc, step: int) -> bool:
+    """A periodic step_N checkpoint after `step` (train.checkpoint_every; 0: only at the end and on stop)?"""
+    return tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
+
+
+def final_eval(run, step: int, best: Best, *, modules: dict, validate: Callable[[int], float],
+               save: Callable[..., Any], test: Callable[[int], Any],
+               on_restore: Callable[[], Any] | None = None) -> Any | None:
+    """The end of every recipe: checkpoint the final weights; after SIGTERM/SIGINT stop there (the checkpoint is what
+    a preempted job needs); validate the final weights unless they were just validated; load checkpoints/best (the
+    validation choice) into `modules` on every process, then `on_restore()` (e.g. hand the weights to a vLLM engine);
+    evaluate the test split ONCE on it. Returns test(best.step), or None after a signal."""
+    from reasonlab.runs import open_checkpoint
+
+    save(step)
+    if run.stop_reason in SIGNALS:
+        return None
+    if best.last_offered != step:
+        best.offer(step, validate(step), save)
+    # always reload: checkpoints/best holds the evaluated weights (an EMA, when the recipe evaluates one)
+    open_checkpoint(run.dir / "checkpoints" / "best").restore(modules=modules, rng=False)
+    if on_restore is not None:
+        on_restore()
+    return test(best.step)

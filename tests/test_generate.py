@@ -106,3 +106,73 @@ def test_choice_predictions_lm_eval_rule():
     choices = ["ab", "abcdefghij", "x" * 100]
     acc, acc_norm = G.choice_predictions(lls, choices)
     assert acc == 0 and acc_norm == 2  # -4/2=-2, -6/10=-0.6, -30/100=-0.3
+
+
+# ----------------------------------------------------------------------------- backends behind one interface
+
+def test_own_and_hf_backends_give_the_same_greedy_tokens(tiny):
+    model, tok = tiny
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    own, hf = G.make_sampler("own", model, tok), G.make_sampler("hf", model, tok)
+    assert (own.name, hf.name) == ("own", "hf")
+    for cfg in (G.GenConfig(max_new_tokens=10, progress=False),
+                G.GenConfig(n=2, max_new_tokens=8, min_new_tokens=8, progress=False),  # EOS masked: exactly 8
+                G.GenConfig(max_new_tokens=10, stop=(" ",), progress=False)):
+        a, b = own.generate(prompts, cfg), hf.generate(prompts, cfg)
+        assert [[s.token_ids for s in g] for g in a] == [[s.token_ids for s in g] for g in b]
+        assert [[s.text for s in g] for g in a] == [[s.text for s in g] for g in b]
+        if cfg.min_new_tokens:
+            assert all(len(s.token_ids) == 8 and s.finish == "length" for g in a for s in g)
+
+
+def test_sampling_is_seeded_per_prompt_whatever_shares_its_batch(tiny):
+    model, tok = tiny
+    a, b = tok(PROMPTS[0])["input_ids"], tok(PROMPTS[2])["input_ids"]
+    cfg = G.GenConfig(n=3, temperature=1.0, max_new_tokens=6, batch_size=8, progress=False)
+    alone = G.generate(model, tok, [a], cfg, seeds=[11])
+    with_other = G.generate(model, tok, [b, a], cfg, seeds=[5, 11])  # another prompt first, sorted differently
+    assert [s.token_ids for s in alone[0]] == [s.token_ids for s in with_other[1]]
+    ungrouped = G.generate(model, tok, [b, a], G.GenConfig(**{**cfg.to_dict(), "grouped": False, "progress": False}),
+                           seeds=[5, 11])
+    assert [s.token_ids for s in ungrouped[1]] == [s.token_ids for s in alone[0]]
+    # the default seeds are by position: one prompt with seed s samples as a generator seeded with s
+    assert G.prompt_seeds(7, 3)[0] == 7 and len(set(G.prompt_seeds(7, 3))) == 3
+
+
+def test_backend_choice_and_a_missing_vllm_is_one_line(tiny, monkeypatch):
+    model, tok = tiny
+    assert G.resolve_backend("auto", "cpu") == "own"  # vLLM only ever on CUDA
+    monkeypatch.setattr(G, "vllm_installed", lambda: False)
+    with pytest.raises(G.BackendUnavailable) as e:
+        G.make_sampler("vllm", model, tok, device="cpu")
+    assert "\n" not in str(e.value) and 'pip install "reasonlab[vllm]"' in str(e.value)
+    monkeypatch.setattr(G, "vllm_installed", lambda: True)
+    with pytest.raises(G.BackendUnavailable, match="needs a CUDA device"):
+        G.resolve_backend("vllm", "cpu")
+    with pytest.raises(ValueError, match="must be one of"):
+        G.resolve_backend("vlm", "cpu")
+
+
+def test_the_decode_loop_passes_the_cache_under_the_name_this_transformers_reads(tiny):
+    import warnings
+
+    import transformers
+    from packaging.version import Version
+
+    model, tok = tiny
+    want = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
+    assert G._cache_kwarg() == want
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        G.generate(model, tok, PROMPTS[:2], n=2, max_new_tokens=4, progress=False)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_the_recipe_cli_refuses_vllm_on_cpu_before_loading_anything(tmp_path):
+    from conftest import cli
+
+    p = cli("run", "configs/markovian/arithmetic-tiny.yaml", "rollout.backend=vllm", "--out", str(tmp_path),
+            check=False)
+    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(err) == 1 and "vllm" in err[0], p.stderr
+    assert not any(tmp_path.iterdir())

@@ -54,13 +54,16 @@ def eval_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:1; default cuda when available"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    backend: str = typer.Option("auto", "--backend", help="generation backend: auto (vllm on CUDA when installed, "
+                                "else own) | own | hf | vllm"),
 ) -> None:
     """Evaluate a model on a task; writes evals/<tag>.jsonl + .json and prints a table."""
     import torch
 
     from reasonlab.errors import UserError
     from reasonlab.eval.harness import EvalSettings, evaluate, format_table, write_eval
-    from reasonlab.models.lm import ModelUnavailable, load_causal_lm
+    from reasonlab.eval.generate import BackendUnavailable
+    from reasonlab.models.lm import ModelUnavailable, load_causal_lm, resolve_model_path
     from reasonlab.tasks import TaskError, get_task
 
     if threads:
@@ -81,12 +84,19 @@ def eval_cmd(
         except TypeError:
             _fail(f"task {task!r} does not read local files: drop --data-dir")
         task_obj.examples(split)  # data errors surface before the model loads
+        from reasonlab.eval.generate import make_sampler, resolve_backend
+
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        resolve_backend(backend, dev)  # a missing vLLM or a typo fails here, before the model loads
         lm, tok = load_causal_lm(model, dtype=dtype, device=dev)
-        records, summary = evaluate(lm, tok, task_obj, split=split, limit=limit, settings=settings, model_id=model)
+        vllm = {"model_path": resolve_model_path(model)[0], "dtype": dtype, "seed": seed}
+        sampler = make_sampler(backend, lm, tok, device=dev, vllm=vllm)
+        records, summary = evaluate(lm, tok, task_obj, split=split, limit=limit, settings=settings, model_id=model,
+                                    sampler=sampler)
+        summary["backend"] = sampler.name
         tag = tag or _default_tag(task, split, model, style, samples, limit)
         jl, js = write_eval(out, tag, records, summary)
-    except (UserError, TaskError, ModelUnavailable, FileNotFoundError) as e:
+    except (UserError, TaskError, ModelUnavailable, BackendUnavailable, FileNotFoundError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except ValueError as e:  # settings validation (temperature/top-p/mode): one line naming the fix
         if "Traceback" in str(e) or not str(e):

@@ -1,27 +1,78 @@
-"""Sampling and scoring with HF causal LMs: our own batched decode loop over the model's KV cache.
+"""Sampling and scoring with HF causal LMs, behind one interface with three backends.
 
-    cfg = GenConfig(n=8, temperature=0.7, top_p=0.95, max_new_tokens=128, stop=("\\n\\nQuestion:",))
-    samples = generate(model, tok, prompts, cfg)     # samples[i][j]: j-th sample of prompt i (a Sample)
+    sampler = make_sampler("auto", model, tok, device=compute.device)   # own | hf | vllm (auto: vllm on CUDA if installed)
+    cfg = GenConfig(n=8, temperature=0.7, top_p=0.95, max_new_tokens=128, stop=("\n\nQuestion:",))
+    samples = sampler.generate(prompt_ids, cfg, seeds=[...])          # samples[i][j]: j-th sample of prompt i
+    sampler.sync(policy)                                              # after an update: the engine samples the new policy
+    samples = generate(model, tok, prompts, cfg)                      # the own loop directly (text or token ids)
     lls = loglikelihood(model, tok, [(context, " continuation"), ...])
 
-Why our own loop instead of `model.generate`: when n samples share one prompt we prefill the prompt ONCE and expand
-its cache across the group (DynamicCache.batch_repeat_interleave), instead of prefilling n identical copies
-(num_return_sequences does the same redundant prefill); finished rows are dropped from the batch
-(DynamicCache.batch_select_indices) so a long straggler does not pay for the finished ones; and we know per sample
-whether it stopped (EOS or a stop string) or was truncated at max_new_tokens. Greedy decoding equals HF generate
-token for token (tests/test_generate.py).
+Backends:
+- own (CPU default): our batched decode loop over transformers' DynamicCache. When n samples share one prompt the
+  prompt is prefilled ONCE and its cache expanded across the group (batch_repeat_interleave) instead of prefilling n
+  copies; finished rows are dropped from the batch and the cache (batch_select_indices); every sample says whether it
+  stopped (EOS or a stop string) or was truncated at max_new_tokens. It also decodes from input embeddings (the bridge).
+- hf: `model.generate`, one call per prompt group (reference and parity checks).
+- vllm (`pip install "reasonlab[vllm]"`, CUDA): reasonlab.eval.vllm_backend, the policy's current weights handed to the
+  engine after each update (LoRA merged), as TRL's colocate mode does.
+Greedy decoding gives the same tokens on own and hf (tests/test_generate.py).
 
+Sampling is seeded per PROMPT (`seeds`, default: cfg.seed mixed with the prompt's index), so a prompt's samples do not
+depend on which other prompts share its batch, on the sorting by length, or on how prompts are spread over processes.
 Batches are left-padded (every row's last prompt token sits at the same position) with explicit position ids, so
-padding never changes a row's positions. Prompts are sorted by length before batching to waste less on padding;
-results come back in the caller's order.
+padding never changes a row's positions. Prompts are sorted by length before batching; results come back in the
+caller's order. `min_new_tokens` masks EOS until that many tokens exist (Markovian CoTs of exactly K tokens).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from reasonlab.errors import UserError
+
+Backend = Literal["auto", "own", "hf", "vllm"]
+BACKENDS = ("auto", "own", "hf", "vllm")
+
+
+def _cache_kwarg() -> str:
+    """transformers 5.24 renamed the forward argument `past_key_values` to `cache` (the old name warns and goes away
+    in 5.40); pass the cache under the name this version reads."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
+
+
+CACHE_KW = None  # resolved on first use (importing transformers is slow)
+
+
+def lm_forward(model, *, cache=None, **kwargs):
+    """model(**kwargs) with a transformers Cache object passed under the argument name this transformers reads. The
+    cache is updated in place, so callers keep their own reference instead of reading it back from the output."""
+    global CACHE_KW
+    if cache is not None:
+        if CACHE_KW is None:
+            CACHE_KW = _cache_kwarg()
+        kwargs[CACHE_KW] = cache
+        kwargs.setdefault("use_cache", True)
+    return model(**kwargs)
+
+
+def new_cache(model):
+    """An empty DynamicCache for `model` (unwrapping DDP / PEFT wrappers to reach the HF config)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=hf_config(model))
+
+
+def hf_config(model):
+    m = getattr(model, "module", model)  # DistributedDataParallel
+    return m.config
 
 
 @dataclass
@@ -30,9 +81,10 @@ class GenConfig:
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy (argmax); > 0 samples from softmax(z/T)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1.0 = off)"})
     max_new_tokens: int = field(default=256, metadata={"help": "generation budget per sample"})
+    min_new_tokens: int = field(default=0, metadata={"help": "EOS is masked until this many tokens are generated"})
     stop: tuple[str, ...] = field(default=(), metadata={"help": "stop strings: the output is cut before the first"})
     batch_size: int = field(default=16, metadata={"help": "rows decoded together (prompts x samples)"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampling generator (same seed -> same samples)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (prompt i draws from a generator seeded by seed and i)"})
     grouped: bool = field(default=True, metadata={"help": "prefill each prompt once and share its cache across n"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
 
@@ -42,6 +94,8 @@ class GenConfig:
                              f"{self.batch_size})")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens {self.min_new_tokens} must be in [0, max_new_tokens]")
         self.stop = tuple(self.stop)
 
     def to_dict(self) -> dict:
@@ -63,6 +117,12 @@ class Sample:
         return self.finish == "length"
 
 
+def prompt_seeds(seed: int, n: int, offset: int = 0) -> list[int]:
+    """The default per-prompt seeds: prompt i of a list (at global position offset + i) -> seed + (offset + i) * a large
+    odd number (so a one-prompt call with seed s samples exactly as a generator seeded with s)."""
+    return [(seed + (offset + i) * 1_000_000_007) % (2**63 - 1) for i in range(n)]
+
+
 # ----------------------------------------------------------------------------- prompts
 
 def format_prompt(tok, prompt: str, chat: bool, system: str | None = None) -> str:
@@ -82,13 +142,13 @@ def encode(tok, texts: list[str], chat: bool) -> list[list[int]]:
 
 def eos_ids(model, tok) -> set[int]:
     ids = set()
-    for src in (getattr(model, "generation_config", None), tok):
+    for src in (getattr(getattr(model, "module", model), "generation_config", None), tok):
         e = getattr(src, "eos_token_id", None)
         ids.update(e if isinstance(e, (list, tuple)) else ([e] if e is not None else []))
     return ids
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- the own decode loop
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(r) for r in rows)
@@ -100,34 +160,42 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)  # (B, T), (B, T)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). Greedy at temperature 0; nucleus sampling when top_p < 1."""
-    if temperature == 0:
-        return logits.argmax(-1)
+def next_token_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """logits (B, V) -> sampling distribution (B, V): softmax(z / T), cut to the top_p nucleus when top_p < 1."""
     probs = F.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:
         sp, si = probs.sort(dim=-1, descending=True)  # (B, V)
         drop = sp.cumsum(-1) - sp > top_p  # mass before this token already exceeds top_p; the top token is always kept
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)  # (B,)
+    return probs
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). Greedy at temperature 0; nucleus sampling when top_p < 1."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(next_token_probs(logits, temperature, top_p), 1, generator=gen).squeeze(-1)  # (B,)
 
 
 @torch.no_grad()
-def _decode_chunk(model, tok, prompts: list[list[int]], expand: int, cfg: GenConfig, gen, stop_ids: set[int]):
-    """Prefill `prompts` (P rows) once, repeat each row's cache `expand` times, decode P*expand rows together.
-    Returns P*expand Samples, rows of one prompt adjacent."""
-    from transformers import DynamicCache
-
+def _decode_chunk(model, tok, prompts: list[list[int]] | None, expand: int, cfg: GenConfig,
+                  gens: list[torch.Generator | None], stop_ids: set[int], embeds: tuple | None = None):
+    """Prefill P prompts once (token ids, or `embeds` = (inputs_embeds (P, T, D), mask (P, T)) left-padded), repeat
+    each row's cache `expand` times, decode P*expand rows together; row r draws from gens[r // expand]. Returns
+    P*expand Samples, rows of one prompt adjacent."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stop_ids), 0)
-    ids, mask = _left_pad(prompts, pad, device)  # (P, T)
+    cache = new_cache(model)
+    if embeds is None:
+        ids, mask = _left_pad(prompts, pad, device)  # (P, T)
+        inputs = {"input_ids": ids}
+    else:
+        x, mask = embeds
+        inputs = {"inputs_embeds": x}
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (P, T): real tokens at 0..len-1 whatever the padding
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    cache = out.past_key_values
-    logits = out.logits[:, -1, :]  # (P, V)
+    logits = lm_forward(model, cache=cache, attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                        **inputs).logits[:, -1, :]  # (P, V)
     if expand > 1:  # share the prompt's keys/values across its group instead of recomputing them
         cache.batch_repeat_interleave(expand)
         mask = mask.repeat_interleave(expand, dim=0)  # (P*n, T)
@@ -138,9 +206,24 @@ def _decode_chunk(model, tok, prompts: list[list[int]], expand: int, cfg: GenCon
     generated: list[list[int]] = [[] for _ in range(B)]
     finish = ["length"] * B
     active = torch.arange(B, device=device)  # row index of each live batch row into `generated`
+    eos = sorted(stop_ids)
 
     for step in range(cfg.max_new_tokens):
-        nxt = sample_next(logits, cfg.temperature, cfg.top_p, gen)  # (b,)
+        if step < cfg.min_new_tokens and eos:
+            logits[:, eos] = float("-inf")  # (b, V): no EOS before min_new_tokens
+        if cfg.temperature == 0:
+            nxt = logits.argmax(-1)  # (b,)
+        else:
+            probs = next_token_probs(logits, cfg.temperature, cfg.top_p)  # (b, V)
+            nxt = torch.empty(len(active), dtype=torch.long, device=device)
+            owner = (active // expand).tolist()  # prompt of each live row; its rows are adjacent and in order
+            j = 0
+            while j < len(owner):
+                k = j
+                while k < len(owner) and owner[k] == owner[j]:
+                    k += 1
+                nxt[j:k] = torch.multinomial(probs[j:k], 1, generator=gens[owner[j]]).squeeze(-1)
+                j = k
         done = torch.zeros_like(nxt, dtype=torch.bool)
         for j, (row, t) in enumerate(zip(active.tolist(), nxt.tolist())):
             if t in stop_ids:
@@ -156,10 +239,8 @@ def _decode_chunk(model, tok, prompts: list[list[int]], expand: int, cfg: GenCon
             cache.batch_select_indices(keep)
             active, nxt, mask, next_pos = active[keep], nxt[keep], mask[keep], next_pos[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (b, T+step+1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]  # (b, V)
+        logits = lm_forward(model, cache=cache, input_ids=nxt[:, None], attention_mask=mask,
+                            position_ids=next_pos).logits[:, -1, :]  # (b, V)
         next_pos = next_pos + 1
 
     samples = []
@@ -173,29 +254,40 @@ def _decode_chunk(model, tok, prompts: list[list[int]], expand: int, cfg: GenCon
     return samples
 
 
+def _generators(seeds: list[int], device, greedy: bool) -> list[torch.Generator | None]:
+    if greedy:
+        return [None] * len(seeds)
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
 def generate(model, tok, prompts: list[str] | list[list[int]], cfg: GenConfig | None = None, *, chat: bool = False,
-             **overrides) -> list[list[Sample]]:
-    """cfg.n samples for each prompt (text, or token ids). Returns samples[prompt][sample]."""
+             seeds: list[int] | None = None, **overrides) -> list[list[Sample]]:
+    """cfg.n samples for each prompt (text, or token ids) with the own decode loop. Returns samples[prompt][sample].
+    `seeds`: one per prompt (default prompt_seeds(cfg.seed, len(prompts)))."""
     from tqdm.auto import tqdm
 
     cfg = cfg or GenConfig(**overrides)
     if not prompts:
         return []
     ids = prompts if isinstance(prompts[0], list) else encode(tok, [format_prompt(tok, p, chat) for p in prompts], chat)
+    seeds = prompt_seeds(cfg.seed, len(ids)) if seeds is None else list(seeds)
+    if len(seeds) != len(ids):
+        raise ValueError(f"{len(seeds)} seeds for {len(ids)} prompts")
     stop_ids = eos_ids(model, tok)
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     was_training = model.training
     model.eval()
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     results: list[list[Sample] | None] = [None] * len(ids)
     bar = tqdm(total=len(ids) * cfg.n, disable=not cfg.progress, desc="generate", unit="sample", leave=False)
+    greedy = cfg.temperature == 0
     try:
         if cfg.grouped:
             per = max(1, cfg.batch_size // cfg.n)  # prompts per chunk; one prompt's group is never split
             for c in range(0, len(order), per):
                 chunk = order[c:c + per]
-                out = _decode_chunk(model, tok, [ids[i] for i in chunk], cfg.n, cfg, gen, stop_ids)
+                out = _decode_chunk(model, tok, [ids[i] for i in chunk], cfg.n, cfg,
+                                    _generators([seeds[i] for i in chunk], device, greedy), stop_ids)
                 for k, i in enumerate(chunk):
                     results[i] = out[k * cfg.n:(k + 1) * cfg.n]
                 bar.update(len(chunk) * cfg.n)
@@ -203,9 +295,12 @@ def generate(model, tok, prompts: list[str] | list[list[int]], cfg: GenConfig | 
             rows = [(i, j) for i in order for j in range(cfg.n)]
             for i in order:
                 results[i] = []
+            gens = dict(zip(order, _generators([seeds[i] for i in order], device, greedy)))
             for c in range(0, len(rows), cfg.batch_size):
                 chunk = rows[c:c + cfg.batch_size]
-                out = _decode_chunk(model, tok, [ids[i] for i, _ in chunk], 1, cfg, gen, stop_ids)
+                # rows of one prompt are adjacent here too; each row carries its prompt's generator
+                out = _decode_chunk(model, tok, [ids[i] for i, _ in chunk], 1, cfg, [gens[i] for i, _ in chunk],
+                                    stop_ids)
                 for (i, _), s in zip(chunk, out):
                     results[i].append(s)
                 bar.update(len(chunk))
@@ -213,6 +308,132 @@ def generate(model, tok, prompts: list[str] | list[list[int]], cfg: GenConfig | 
         bar.close()
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def generate_from_embeds(model, tok, embeds: torch.Tensor, attn: torch.Tensor, cfg: GenConfig) -> list[Sample]:
+    """One greedy (or seeded) sample per row from left-padded input embeddings (B, T, D) with mask (B, T): the own
+    loop prefilled from embeddings instead of token ids (the bridge's soft prompts). Equals generation from the same
+    tokens' ids (tests/test_bridge.py)."""
+    if cfg.n != 1:
+        raise ValueError("generate_from_embeds draws one sample per row")
+    seeds = prompt_seeds(cfg.seed, embeds.shape[0])
+    was_training = model.training
+    model.eval()
+    try:
+        return _decode_chunk(model, tok, None, 1, cfg, _generators(seeds, embeds.device, cfg.temperature == 0),
+                             eos_ids(model, tok), embeds=(embeds, attn))
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- backends behind one interface
+
+class OwnSampler:
+    """The own decode loop (reasonlab's default; the only backend that decodes from input embeddings)."""
+
+    name = "own"
+
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+
+    def generate(self, prompts: list[list[int]], cfg: GenConfig, seeds: list[int] | None = None) -> list[list[Sample]]:
+        return generate(self.model, self.tok, prompts, cfg, seeds=seeds)
+
+    def sync(self, model=None) -> None:
+        """Nothing to hand over: the loop samples the live model."""
+
+
+class HFSampler:
+    """`model.generate`, one call per prompt group (its seed set before the call): for parity checks and models whose
+    forward the own loop does not support."""
+
+    name = "hf"
+
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], cfg: GenConfig, seeds: list[int] | None = None) -> list[list[Sample]]:
+        model, tok = self.model, self.tok
+        seeds = prompt_seeds(cfg.seed, len(prompts)) if seeds is None else list(seeds)
+        stop_ids = eos_ids(model, tok)
+        device = next(model.parameters()).device
+        greedy = cfg.temperature == 0  # one greedy sequence stands for all n (HF refuses n > 1 without sampling)
+        kw = dict(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens or None,
+                  do_sample=not greedy, num_return_sequences=1 if greedy else cfg.n, eos_token_id=sorted(stop_ids),
+                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else min(stop_ids))
+        if cfg.temperature > 0:
+            kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+        if cfg.stop:
+            kw.update(stop_strings=list(cfg.stop), tokenizer=tok)
+        was_training = model.training
+        model.eval()
+        out: list[list[Sample]] = []
+        try:
+            for p, seed in zip(prompts, seeds):
+                ids = torch.tensor([p], device=device)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(int(seed))
+                    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)  # (n, T + new)
+                group = [_hf_sample(tok, row[len(p):].tolist(), stop_ids, cfg) for row in gen]
+                out.append([Sample(g.text, list(g.token_ids), g.finish) for g in group * cfg.n] if greedy else group)
+        finally:
+            model.train(was_training)
+        return out
+
+    def sync(self, model=None) -> None:
+        """Nothing to hand over: generate() runs the live model."""
+
+
+def _hf_sample(tok, new: list[int], stop_ids: set[int], cfg: GenConfig) -> Sample:
+    finish = "length"
+    for k, t in enumerate(new):
+        if t in stop_ids:  # HF pads after EOS with the pad id (often EOS itself)
+            new, finish = new[:k], "eos"
+            break
+    text = tok.decode(new, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
+    if cut >= 0:
+        text, finish = text[:cut], "stop"
+    return Sample(text, new, finish)
+
+
+class BackendUnavailable(UserError, RuntimeError):
+    """A requested generation backend cannot run here (one line names the fix)."""
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str, device) -> str:
+    """auto -> vllm on CUDA when vLLM is installed, else own. A missing vLLM on request is one line naming the extra."""
+    if backend not in BACKENDS:
+        raise ValueError(f"generation backend must be one of {list(BACKENDS)}, got {backend!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if backend == "auto":
+        return "vllm" if on_cuda and vllm_installed() else "own"
+    if backend == "vllm":
+        if not vllm_installed():
+            raise BackendUnavailable('rollout backend vllm needs vLLM: pip install "reasonlab[vllm]" (CUDA machines), '
+                                     "or set the backend to own")
+        if not on_cuda:
+            raise BackendUnavailable("rollout backend vllm needs a CUDA device (train.device); on CPU use own or hf")
+    return backend
+
+
+def make_sampler(backend: str, model, tok, *, device="cpu", vllm: dict | None = None):
+    """The sampler for a resolved or 'auto' backend. `vllm`: engine settings for the vLLM backend (model path, dtype,
+    gpu_memory_utilization, max_model_len, seed)."""
+    name = resolve_backend(backend, device)
+    if name == "own":
+        return OwnSampler(model, tok)
+    if name == "hf":
+        return HFSampler(model, tok)
+    from reasonlab.eval.vllm_backend import VLLMSampler
+
+    return VLLMSampler(model, tok, **(vllm or {}))
 
 
 # ----------------------------------------------------------------------------- log-likelihood scoring

@@ -93,11 +93,13 @@ def _mode_for(task: Task, examples: list[Example], s: EvalSettings) -> str:
 
 def evaluate(model, tok, task: str | Task, split: str = "test", limit: int | None = None, samples: int = 1, *,
              settings: EvalSettings | None = None, examples: list[Example] | None = None, model_id: str | None = None,
-             task_kwargs: dict | None = None, **overrides) -> tuple[list[dict], dict]:
+             task_kwargs: dict | None = None, compute=None, sampler=None, **overrides) -> tuple[list[dict], dict]:
     """Evaluate `model` on the first `limit` examples of `task`/`split`. Returns (records, summary).
 
     `settings` or keyword overrides (temperature=..., style=...) configure prompts and sampling. `examples` replaces
-    the task's own examples (e.g. a fixed validation subset a recipe picked once).
+    the task's own examples (e.g. a fixed validation subset a recipe picked once). `compute` (reasonlab.training):
+    the examples are split over its processes and the records gathered, in order, on every rank. `sampler`: a
+    generation backend (reasonlab.eval.generate.make_sampler); default the own loop on `model`.
     """
     s = settings or EvalSettings(samples=samples, **overrides)
     if settings is not None and (overrides or samples != 1):
@@ -111,10 +113,15 @@ def evaluate(model, tok, task: str | Task, split: str = "test", limit: int | Non
         raise ValueError(f"no examples to evaluate for task {task.name!r} split {split!r}")
     mode = _mode_for(task, exs, s)
     t0 = time.perf_counter()
+    from reasonlab.training import sharded
+
     if mode == "loglik":
-        records, n_tokens = _run_loglik(model, tok, task, exs, s), 0
+        records = sharded(compute, exs, lambda part, off: _group_records(part, _run_loglik(model, tok, task, part, s)))
     else:
-        records, n_tokens = _run_generate(model, tok, task, exs, s)
+        records = sharded(compute, exs, lambda part, off: _group_records(
+            part, _run_generate(model, tok, task, part, s, sampler, off)[0]))
+    records = [r for group in records for r in group]
+    n_tokens = sum(r.get("new_tokens", 0) for r in records)
     wall = time.perf_counter() - t0
     for r in records:
         r["task"], r["split"] = task.name, split
@@ -133,6 +140,14 @@ def evaluate(model, tok, task: str | Task, split: str = "test", limit: int | Non
     return records, summary
 
 
+def _group_records(exs: list[Example], records: list[dict]) -> list[list[dict]]:
+    """Records regrouped one list per example (for sharded(): one result per item)."""
+    by_id: dict[str, list[dict]] = {}
+    for r in records:
+        by_id.setdefault(r["id"], []).append(r)
+    return [by_id.get(e.id, []) for e in exs]
+
+
 def _model_id(model) -> str:
     cfg = getattr(model, "config", None)
     return str(getattr(cfg, "name_or_path", "") or type(model).__name__)
@@ -147,20 +162,58 @@ def _git() -> dict:
         return {"sha": None, "dirty": None}
 
 
-def _run_generate(model, tok, task: Task, exs: list[Example], s: EvalSettings) -> tuple[list[dict], int]:
+def score_record(task: Task, e: Example, output: str, *, prompt: str, sample: int = 0, **extra) -> dict:
+    """THE eval record of one output (every recipe and `reasonlab eval` write these): id, sample, prompt, output, the
+    primary extractor's answer, every extractor's answer and verdict side by side, gold, correct, valid."""
+    sc = task.score(output, e)
+    return {"id": e.id, "sample": sample, "prompt": prompt, "output": output, "extracted": sc.extracted,
+            "gold": e.gold, "correct": bool(sc.correct), "valid": bool(sc.valid), "extractor": sc.extractor,
+            "extractions": sc.extractions, "correct_by": sc.correct_by, **extra}
+
+
+def sample_record(task: Task, e: Example, smp, *, prompt: str, sample: int = 0, **extra) -> dict:
+    """score_record for a generated Sample (its finish reason and length recorded)."""
+    return score_record(task, e, smp.text, prompt=prompt, sample=sample, finish=smp.finish,
+                        new_tokens=len(smp.token_ids), **extra)
+
+
+def eval_summary(records: list[dict], task: Task, *, tag: str, step: int | None = None, mode: str = "generate",
+                 **fields) -> dict:
+    """THE eval summary (evals/<tag>.json): every metric of summarize_records with n and a 95% CI (the headline one
+    is named "accuracy"), plus tag, step, task + version and the recipe's protocol `fields`."""
+    summary = summarize_records(records, task, mode)
+    summary.update({"tag": tag, "step": step, "task": task.name, "task_version": getattr(task, "version", "?"),
+                    "n": len({r["id"] for r in records}), **fields})
+    return summary
+
+
+def eval_log(summary: dict, prefix: str) -> dict[str, float]:
+    """What a recipe logs to metrics.jsonl for one eval: every metric's value (flat_metrics) plus the headline
+    accuracy's interval and n: {prefix}/accuracy, {prefix}/accuracy_lo, _hi, _n."""
+    out = flat_metrics(summary, prefix)
+    a = summary["metrics"].get("accuracy")
+    if isinstance(a, dict):
+        out.update({f"{prefix}/accuracy_lo": a.get("lo"), f"{prefix}/accuracy_hi": a.get("hi"),
+                    f"{prefix}/accuracy_n": a.get("n")})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _run_generate(model, tok, task: Task, exs: list[Example], s: EvalSettings, sampler=None,
+                  offset: int = 0) -> tuple[list[dict], int]:
+    from reasonlab.eval.generate import encode, prompt_seeds
+
     prompts = [format_prompt(tok, task.prompt(e, s.style), s.chat) for e in exs]
-    out = generate(model, tok, prompts, s.gen_config(), chat=s.chat)
+    gc = s.gen_config()
+    seeds = prompt_seeds(gc.seed, len(exs), offset)  # per example: the same samples however the split is sharded
+    if sampler is None:
+        out = generate(model, tok, prompts, gc, chat=s.chat, seeds=seeds)
+    else:
+        out = sampler.generate(encode(tok, prompts, s.chat), gc, seeds=seeds)
     records, n_tokens = [], 0
     for e, prompt, group in zip(exs, prompts, out):
         for j, smp in enumerate(group):
-            sc = task.score(smp.text, e)
             n_tokens += len(smp.token_ids)
-            records.append({
-                "id": e.id, "sample": j, "prompt": prompt, "output": smp.text, "extracted": sc.extracted,
-                "gold": e.gold, "correct": bool(sc.correct), "valid": bool(sc.valid), "extractor": sc.extractor,
-                "extractions": sc.extractions, "correct_by": sc.correct_by, "finish": smp.finish,
-                "new_tokens": len(smp.token_ids),
-            })
+            records.append(sample_record(task, e, smp, prompt=prompt, sample=j))
     return records, n_tokens
 
 

@@ -4,14 +4,14 @@ term, within-group expert-iteration selection, and rollout checks. Nothing here 
 
     rows = pack_rows([(ctx_ids, answer_ids)], pad)          # left-padded (B, T) + a mask per segment
     R = segment_logprob(model, rows, segment=1)             # (B,) ln pi(answer | redacted prompt + CoT)
-    mean, denom = group_stats(R.detach(), group_size=G, min_std=0.01)
+    mean, denom = policy.group_stats(R.detach(), group_size=G, min_std=0.01)
     A = (R - mean) / denom                                  # value = standardized reward, gradient = dR / denom
     actor = actor_reward_loss(A)                            # -mean(A): its gradient flows through ln pi(answer | CoT)
 
 The paper's loss is  -ln u(CoT | q) * A.detach() - A + kl_coef * KL(u || u_ref)  with A standardized using a mean/std
 that carry no gradient. With a mean/std that DO carry gradient (the public code), sum_i A_i = 0 in every group and the
 gradient of -mean(A) is identically zero; the public code also computed ln pi(answer | CoT) under no_grad. Both make the
-actor-reward term dead; `group_stats` returns plain detached tensors so neither can happen here.
+actor-reward term dead; rl.policy.group_stats returns plain detached tensors so neither can happen here.
 """
 
 from __future__ import annotations
@@ -95,62 +95,6 @@ def segment_logprob(model, rows: Rows, segment: int, agg: str = "mean", return_t
     total = (lp * m).sum(-1)  # (B,)
     out = total / m.sum(-1).clamp(min=1.0) if agg == "mean" else total
     return (out, lp, logits, m) if return_tokens else out
-
-
-def shared_prefix_logprobs(model, prefix: list[int], suffixes: torch.Tensor, last: int):
-    """Rows = prefix + suffixes[i] for G suffixes of one length S; the prefix is run ONCE and its keys/values are
-    repeated for the G rows (DynamicCache.batch_repeat_interleave, differentiable: the gradient through the shared
-    prefix is the sum over rows, as if every row carried its own copy). Returns the log-probs (G, last) and float
-    logits (G, last, V) of the last `last` suffix tokens (last <= S), as token_logprobs(..., last=last) would on the
-    concatenated rows — up to float rounding — at (P + G S) / (G (P + S)) of the compute.
-    """
-    from transformers import DynamicCache
-
-    G, S = suffixes.shape
-    P = len(prefix)
-    if not 0 < last <= S:
-        raise ValueError(f"last={last} must be in [1, {S}]")
-    dev = suffixes.device
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=torch.tensor([prefix], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1:]  # (1, 1, V): predicts suffix token 0
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)  # (1, H, P, D) -> (G, H, P, D) per layer
-    attn = torch.ones((G, P + S), dtype=torch.long, device=dev)
-    pos = torch.arange(P, P + S, device=dev).expand(G, S)  # (G, S)
-    if last < S:  # suffix positions S-last-1 .. S-2 predict suffix tokens S-last .. S-1
-        logits = model(input_ids=suffixes, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                       use_cache=True, logits_to_keep=last + 1).logits[:, :-1]  # (G, last, V)
-    else:  # token 0 comes from the prefix's last position
-        rest = model(input_ids=suffixes, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                     use_cache=True, logits_to_keep=S).logits[:, :-1]  # (G, S-1, V)
-        logits = torch.cat([first.expand(G, 1, first.shape[-1]), rest], dim=1)  # (G, S, V)
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    lp = torch.log_softmax(logits, -1).gather(-1, suffixes[:, -last:].unsqueeze(-1)).squeeze(-1)  # (G, last)
-    return lp, logits
-
-
-def group_stats(rewards: torch.Tensor, group_size: int, *, min_std: float = 0.0, eps: float = 1e-6,
-                scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (mean, denominator) of the row's group, both DETACHED. rewards (B,) -> (B,), (B,).
-
-    A = (R - mean) / denom equals policy.group_standardize(R, group_size, eps, min_std=min_std) in value, and its
-    gradient is dR / denom. denom = max(std, min_std) + eps (population std); `min_std` > 0 keeps a near-tied group
-    (all CoTs equally useful) from turning a tiny reward difference into +-1 advantages and a 1/eps actor-reward
-    gradient. scale=False: denom = 1 (centre only, Dr GRPO).
-    """
-    r = rewards.detach()
-    B = r.shape[0]
-    if B % group_size:
-        raise ValueError(f"batch of {B} rewards does not split into groups of {group_size}")
-    g = r.view(B // group_size, group_size)  # (n_groups, G)
-    mean = g.mean(-1, keepdim=True).expand_as(g)  # (n_groups, G)
-    if scale:
-        std = g.std(-1, keepdim=True, unbiased=False) if group_size > 1 else torch.zeros_like(mean[:, :1])
-        denom = (std.clamp(min=min_std) + eps).expand_as(g)
-    else:
-        denom = torch.ones_like(g)
-    return mean.reshape(B), denom.reshape(B)
 
 
 def actor_reward_loss(adv: torch.Tensor) -> torch.Tensor:

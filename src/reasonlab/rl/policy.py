@@ -4,6 +4,8 @@ Shapes: B sequences, T positions, V vocabulary. A `mask` is 1.0 on the tokens th
 and 0.0 elsewhere (prompt, padding). Nothing here samples, logs or touches a model's parameters; recipes compose these.
 
     lp, logits = token_logprobs(model, ids, attn, return_logits=True)   # (B, T-1): log pi(ids[:, t+1] | ids[:, :t+1])
+    lp, mask = shared_prompt_logprobs(model, prompt, completions)       # (N, S): one prompt run once for N rows
+    mean, denom = group_stats(rewards, group_size=G)                     # (B,) x2, detached
     adv = group_standardize(rewards, group_size=G)                       # (B,)   mean/std detached, reward grad kept
     loss = pg_loss(lp, adv, mask)                                        # REINFORCE on the masked tokens
     loss, stats = ppo_loss(lp, old_lp, adv, mask, clip_eps=0.2, dual_clip=3.0)
@@ -85,27 +87,94 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, agg: str = "seq_mean") -> t
     return per_seq.mean()
 
 
+def group_stats(rewards: torch.Tensor, group_size: int | None = None, *, min_std: float = 0.0, eps: float = 1e-6,
+                scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (mean, denominator) of the row's group of `group_size` consecutive rows (None: the whole batch), both
+    DETACHED. rewards (B,) -> (B,), (B,); the advantage is A = (R - mean) / denom.
+
+    Detached on purpose: if `rewards` carries a gradient (the Markovian actor-reward term), it flows through R itself
+    (dA = dR / denom). With a mean/std that carry gradient, sum(A) = 0 within a group and the gradient of mean(A) is
+    identically zero — the bug in the public Markovian code. denom = max(std, min_std) + eps (population std);
+    `min_std` > 0 keeps a near-tied group from turning a tiny reward difference into +-1 advantages (and, with a reward
+    that carries gradient, a 1/eps gradient). scale=False: denom = 1 (centre only, Dr GRPO).
+    """
+    r = rewards.detach()
+    B = r.shape[0]
+    G = B if group_size is None else group_size
+    if B % G:
+        raise ValueError(f"batch of {B} rewards does not split into groups of {G}")
+    g = r.view(B // G, G)  # (n_groups, G)
+    mean = g.mean(-1, keepdim=True).expand_as(g)  # (n_groups, G)
+    if scale:
+        std = g.std(-1, keepdim=True, unbiased=False) if G > 1 else torch.zeros_like(mean[:, :1])
+        denom = (std.clamp(min=min_std) + eps).expand_as(g)
+    else:
+        denom = torch.ones_like(g)
+    return mean.reshape(B), denom.reshape(B)
+
+
 def group_standardize(rewards: torch.Tensor, group_size: int | None = None, eps: float = 1e-6,
                       scale: bool = True, min_std: float = 0.0) -> torch.Tensor:
-    """(R - mean) / (std + eps) within consecutive groups of `group_size` (None: the whole batch). (B,) -> (B,).
+    """(R - mean) / denom within consecutive groups (group_stats); a group whose rewards all tie gets advantage 0.
+    (B,) -> (B,); R's own gradient is kept, the statistics carry none."""
+    mean, denom = group_stats(rewards, group_size, min_std=min_std, eps=eps, scale=scale)
+    return (rewards - mean) / denom
 
-    The mean and std are DETACHED: if `rewards` carries a gradient (the Markovian actor-reward term), it flows through
-    R itself. Without the detach, sum(A) = 0 within a group and the gradient of mean(A) is identically zero — the bug in
-    the public Markovian code. A group whose rewards are all equal gets advantage 0. `scale=False` only centres (Dr GRPO).
-    `min_std` floors the std (denominator max(std, min_std) + eps): with a reward that carries gradient, a near-tied
-    group would otherwise scale it by ~1/eps.
+
+def shared_prompt_logprobs(model, prompt: list[int], completions, *, pad_id: int = 0, score_from: int = 0,
+                           return_logits: bool = False):
+    """log pi of each of N completions of ONE prompt, running the prompt once and sharing its keys/values.
+
+    completions: N lists of token ids (any lengths; right-padded with pad_id) or an (N, S) tensor. Returns lp
+    (N, S - score_from), mask (N, S - score_from) (1.0 on real tokens) [and float logits (N, S - score_from, V)], S =
+    the longest completion; column j scores completion token score_from + j given the prompt and the tokens before it.
+    `score_from` skips a common head whose log-probs are not needed (the Markovian answer after its CoT): those
+    positions produce no (T, V) logits. The prompt's cache is repeated across the group with a differentiable
+    repeat_interleave, so gradients reach the prompt's activations from all N rows exactly as in a padded batch of N
+    full rows (tested against token_logprobs), for Tp + N*S positions instead of N*(Tp + S).
     """
-    B = rewards.shape[0]
-    g = B if group_size is None else group_size
-    if B % g:
-        raise ValueError(f"batch of {B} rewards does not split into groups of {g}")
-    r = rewards.view(B // g, g)  # (n_groups, G)
-    mean = r.detach().mean(-1, keepdim=True)
-    out = r - mean
-    if scale:
-        std = r.detach().std(-1, keepdim=True, unbiased=False) if g > 1 else torch.zeros_like(mean)
-        out = out / (std.clamp(min=min_std) + eps)
-    return out.view(B)
+    from reasonlab.eval.generate import lm_forward, new_cache
+
+    Tp = len(prompt)
+    if Tp < 1:
+        raise ValueError("the prompt needs at least one token")
+    if torch.is_tensor(completions):
+        targets = completions.long()  # (N, S)
+        lengths = [targets.shape[1]] * targets.shape[0]
+        dev = targets.device
+    else:
+        N, S = len(completions), max(1, max(len(c) for c in completions))
+        dev = next(model.parameters()).device
+        targets = torch.full((N, S), pad_id, dtype=torch.long)
+        for i, c in enumerate(completions):
+            targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        targets = targets.to(dev)
+        lengths = [len(c) for c in completions]
+    N, S = targets.shape
+    if not 0 <= score_from < S:
+        raise ValueError(f"score_from={score_from} must be in [0, {S - 1}] for completions of {S} tokens")
+    cache = new_cache(model)
+    p = torch.tensor([prompt], dtype=torch.long, device=dev)  # (1, Tp)
+    out = lm_forward(model, cache=cache, input_ids=p, attention_mask=torch.ones_like(p),
+                     position_ids=torch.arange(Tp, device=dev)[None], logits_to_keep=1)
+    parts = []
+    if score_from == 0:
+        parts.append(_upcast(out.logits[:, -1:]).expand(N, 1, -1))  # (N, 1, V): predicts completion token 0
+    if S > 1:
+        cache.batch_repeat_interleave(N)  # (1, H, Tp, d) -> (N, H, Tp, d), differentiable
+        x = targets[:, :-1]  # (N, S-1): token j predicts token j+1; padding sits after every real token (causal)
+        keep = S - max(score_from, 1)  # trailing positions of x whose predictions are scored
+        rest = lm_forward(model, cache=cache, input_ids=x,
+                          attention_mask=torch.ones(N, Tp + S - 1, dtype=torch.long, device=dev),
+                          position_ids=(Tp + torch.arange(S - 1, device=dev))[None].expand(N, -1),
+                          logits_to_keep=keep).logits  # (N, keep, V)
+        parts.append(_upcast(rest[:, -keep:]))
+    logits = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (N, S - score_from, V)
+    tgt = targets[:, score_from:]  # (N, S - score_from)
+    lp = torch.log_softmax(logits, dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (N, S - score_from)
+    cols = torch.arange(score_from, S, device=dev)[None]  # (1, S - score_from)
+    mask = (cols < torch.tensor(lengths, device=dev)[:, None]).to(lp.dtype)  # (N, S - score_from)
+    return (lp, mask, logits) if return_logits else (lp, mask)
 
 
 def pg_loss(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, agg: str = "seq_mean") -> torch.Tensor:

@@ -22,6 +22,11 @@ Interlat arXiv 2511.09149):
   row gets the soft tokens of another row of its batch: a derangement), target_text (the target alone on the real
   text); source alone when the source can generate. Unique-output ratio, invalid count, answer entropy, and soft-token
   statistics (encoder/pairwise_cos, encoder/cross_sample_var ...) for every eval.
+- Compute (reasonlab.training): train.device / train.precision; under `accelerate launch` each process takes an
+  equal shard of every batch and DDP averages the translator's (and a target LoRA's) gradients. The batch-contrastive
+  terms (infonce, separation) and the DiT noise are computed within each process's shard, so with them on a
+  multi-process run is not the one-process run of the same global batch; nll, kl and align are. Evaluation is split
+  over the processes by chunks of eval.batch_size rows (the shuffled control permutes within a chunk).
 - Run contract: metrics (train/*, grad/term/* via rl.audit every watch.audit_every steps, encoder/* soft-token stats,
   eval/*, time/cpu_s = process CPU seconds), evals/<split>.<task>@step_N[+control=NAME], checkpoints of the bridge
   (+ LoRA), resume, --time-limit, SIGTERM, --dry-run (tiny stand-in models when the configured ones are not available
@@ -32,18 +37,17 @@ Interlat arXiv 2511.09149):
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from reasonlab import dist
-from reasonlab.config import BaseConfig, EvalConfig, F, TrainConfig
+from reasonlab import training
+from reasonlab.config import BaseConfig, ConfigError, EvalConfig, F, TrainConfig
 from reasonlab.diagnostics.watch import WatchConfig, Watcher, encoder_stats, record_train_ids
 from reasonlab.models.bridge import (Bridge, BridgeError, DiTConfig, Row, SourceConfig, TranslatorConfig, answer_logits,
-                                     answer_nll, assemble, ctc_alignment, curriculum_text_prob, derangement, greedy_from_embeds,
-                                     info_nce, kl_first_k, load_source, prompt_alignment, separation)
+                                     answer_nll, assemble, ctc_alignment, curriculum_text_prob, derangement, info_nce,
+                                     kl_first_k, load_source, prompt_alignment, separation)
 from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl.audit import audit_terms
 from reasonlab.runs import Run, batch_indices
@@ -103,12 +107,6 @@ class LossConfig:
 
 
 @dataclass
-class BridgeTrain(TrainConfig):
-    threads: int = F(0, "torch CPU threads (0: torch's default)")
-    device: str = F("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
-
-
-@dataclass
 class BridgeEval(EvalConfig):
     test_limit: int = F(0, "test examples in the final eval (0: all)")
     max_new_tokens: int = F(8, "greedy decoding budget per answer")
@@ -127,7 +125,7 @@ class Config(BaseConfig):
     bridge: MethodConfig = F(MethodConfig, "soft_only | soft_plus_text and the curriculum")
     loss: LossConfig = F(LossConfig, "loss weights (each term audited)")
     data: DataConfig = F(DataConfig, "task and prompt format")
-    train: BridgeTrain = F(BridgeTrain, "optimization")
+    train: TrainConfig = F(TrainConfig, "optimization and compute")
     eval: BridgeEval = F(BridgeEval, "evaluation")
     watch: WatchConfig = F(WatchConfig, "online alerts; watch.audit_every schedules the gradient audit")
 
@@ -226,17 +224,19 @@ def question_embeddings(embedding, prompter: Prompter, exs) -> tuple[torch.Tenso
 # one training batch -> weighted loss terms
 
 
-def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator) -> tuple[dict, dict]:
+def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator, rows_of: slice | None = None) -> tuple[dict, dict]:
     """{name: (weight, scalar loss)} for every term with a non-zero weight, and batch info (soft tokens, nll).
-    The total loss is sum(w * L) over this dict: each term is counted exactly once."""
+    The total loss is sum(w * L) over this dict: each term is counted exactly once. `rows_of`: the slice of the global
+    batch `exs` is (a process's shard), so the curriculum's per-row draws are those of the one-process run."""
     cfg, source, bridge, target, prompter = ctx["cfg"], ctx["source"], ctx["bridge"], ctx["target"], ctx["prompter"]
     lw = cfg.loss
-    emb = target.get_input_embeddings()
+    emb = ctx["target_module"].get_input_embeddings()
     B = len(exs)
     states, smask = source.encode(source_texts(exs, ctx["task"], cfg))  # (B, S, Ds), (B, S)
     soft, soft_mask = bridge(states, smask)  # (B, K, Dt), (B, K)
     p_text = curriculum_text_prob(step, cfg.bridge.mode, cfg.bridge.curriculum_steps)
-    show = (torch.rand(B, generator=gen) < p_text).tolist()
+    draws = torch.rand(cfg.train.batch_size if rows_of is not None else B, generator=gen)  # (B_global,)
+    show = (draws[rows_of if rows_of is not None else slice(None)] < p_text).tolist()
     rows = [prompter.row(e, soft[i][soft_mask[i]], show[i], answer=True) for i, e in enumerate(exs)]
     perm = None
     if lw.separation > 0:  # the same rows with another row's soft tokens, in the same forward
@@ -253,25 +253,27 @@ def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator) -> tuple[dict, d
         with torch.no_grad():
             t_emb, t_attn, t_lab = assemble(emb, [prompter.text_row(e, answer=True) for e in exs],
                                             prompter.tok.pad_token_id or 0)
-            if hasattr(target, "disable_adapter"):
-                with reference(target):
-                    t_logits, _, _ = answer_logits(target, t_emb, t_attn, t_lab)
+            tm = ctx["target_module"]
+            if hasattr(tm, "disable_adapter"):
+                with reference(tm):
+                    t_logits, _, _ = answer_logits(tm, t_emb, t_attn, t_lab)
             else:
-                t_logits, _, _ = answer_logits(target, t_emb, t_attn, t_lab)
+                t_logits, _, _ = answer_logits(tm, t_emb, t_attn, t_lab)
         terms["kl"] = (lw.kl, kl_first_k(logits[:B], t_logits, amask[:B], lw.kl_tokens, lw.kl_temperature))
     if lw.align > 0 or lw.infonce > 0 or lw.dit > 0:
         with torch.no_grad():
             q_emb, q_mask = question_embeddings(emb, prompter, exs)  # (B, L, Dt), (B, L)
         if lw.align > 0 and lw.align_mode == "ctc":
             q_ids = question_ids(prompter, exs, soft.device)
-            terms["align"] = (lw.align, ctc_alignment(soft, soft_mask, q_ids, q_mask, emb.weight, bridge.blank,
-                                                      lw.align_tau))
+            terms["align"] = (lw.align, ctc_alignment(soft, soft_mask, q_ids, q_mask, emb.weight,
+                                                      ctx["bridge_module"].blank, lw.align_tau))
         elif lw.align > 0:
             terms["align"] = (lw.align, prompt_alignment(soft, soft_mask, q_emb, q_mask, lw.align_mode))
         if lw.infonce > 0:
             terms["infonce"] = (lw.infonce, info_nce(soft, soft_mask, q_emb, q_mask, lw.infonce_tau))
         if lw.dit > 0:
-            terms["dit"] = (lw.dit, bridge.dit.loss(q_emb, q_mask, soft, soft_mask, bridge.target_rms, gen))
+            bm = ctx["bridge_module"]
+            terms["dit"] = (lw.dit, bm.dit.loss(q_emb, q_mask, soft, soft_mask, bm.target_rms, gen))
     if lw.separation > 0:
         terms["separation"] = (lw.separation, separation(nll, nll_all[B:], lw.separation_margin))
     info = {"soft": soft.detach(), "nll": nll.detach(), "nll_shuffled": nll_all[B:].detach() if perm else None,
@@ -288,17 +290,17 @@ def total_loss(terms: dict) -> torch.Tensor:
 
 
 def decode_rows(ctx: dict, rows: list[Row]) -> list[str]:
-    cfg, target, prompter = ctx["cfg"], ctx["target"], ctx["prompter"]
-    eos = {prompter.eos} | ({target.generation_config.eos_token_id} if isinstance(
-        getattr(getattr(target, "generation_config", None), "eos_token_id", None), int) else set())
+    """Greedy answers of the target from each row's embeddings (the own decode loop, reasonlab.eval.generate), cut at
+    eval.stop."""
+    from reasonlab.eval.generate import GenConfig, generate_from_embeds
+
+    cfg, target, prompter = ctx["cfg"], ctx["target_module"], ctx["prompter"]
+    gc = GenConfig(max_new_tokens=cfg.eval.max_new_tokens, stop=tuple(s for s in cfg.eval.stop if s), progress=False)
     texts = []
     for i in range(0, len(rows), cfg.eval.batch_size):
         embeds, attn, _ = assemble(target.get_input_embeddings(), rows[i:i + cfg.eval.batch_size],
                                    prompter.tok.pad_token_id or 0)
-        for ids in greedy_from_embeds(target, embeds, attn, cfg.eval.max_new_tokens, eos):
-            t = prompter.tok.decode(ids, skip_special_tokens=True)
-            cut = min((j for j in (t.find(s) for s in cfg.eval.stop if s) if j >= 0), default=-1)
-            texts.append(t[:cut] if cut >= 0 else t)
+        texts += [smp.text for smp in generate_from_embeds(target, prompter.tok, embeds, attn, gc)]
     return texts
 
 
@@ -312,63 +314,64 @@ def eval_chunks(n: int, bs: int) -> list[tuple[int, int]]:
 
 
 def score_records(task, exs, outputs: list[str], prompts: list[str], extra: list[dict] | None = None) -> list[dict]:
-    recs = []
-    for i, (e, out, p) in enumerate(zip(exs, outputs, prompts)):
-        s = task.score(out, e)
-        recs.append({"id": e.id, "prompt": p, "output": out, "extracted": s.extracted, "gold": e.gold,
-                     "correct": s.correct, "valid": s.valid, "extractor": s.extractor, "extractions": s.extractions,
-                     "correct_by": s.correct_by, **(extra[i] if extra else {})})
-    return recs
+    from reasonlab.eval.harness import score_record
+
+    return [score_record(task, e, out, prompt=p, **(extra[i] if extra else {}))
+            for i, (e, out, p) in enumerate(zip(exs, outputs, prompts))]
 
 
-def summarize(records: list[dict]) -> dict:
-    from reasonlab.eval.metrics import accuracy, answer_entropy, invalid_rate, unique_answer_ratio
+def summarize(records: list[dict], task) -> dict:
+    """The shared eval metrics (reasonlab.eval.harness) plus two descriptive counts of the bridged outputs."""
+    from reasonlab.eval.harness import summarize_records
 
+    m = summarize_records(records, task)["metrics"]
     outs = [r["output"] for r in records]
-    answers = [r["extracted"] for r in records]
-    return {"accuracy": accuracy(r["correct"] for r in records).to_dict(),
-            "invalid_rate": invalid_rate(r["valid"] for r in records).to_dict(),
-            "invalid_count": sum(not r["valid"] for r in records),
-            "unique_output_ratio": {"value": len(set(outs)) / max(1, len(outs)), "n": len(outs), "lo": None,
-                                    "hi": None, "method": "none"},  # distinct outputs / outputs (descriptive)
-            "unique_answer_ratio": unique_answer_ratio(answers).to_dict(),
-            "answer_entropy_bits": answer_entropy(answers).to_dict()}
+    m["invalid_count"] = sum(not r["valid"] for r in records)
+    m["unique_output_ratio"] = {"value": len(set(outs)) / max(1, len(outs)), "n": len(outs), "lo": None, "hi": None,
+                                "method": "none"}  # distinct outputs / outputs (descriptive)
+    return m
 
 
 @torch.no_grad()
 def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) -> dict:
     """Bridged, zero_source, shuffled_source and target_text (and source alone) on the same `exs`; writes one eval
     file each and returns {condition: summary}. `cache` keeps frozen-model results (target_text without LoRA, source
-    alone) per split so they are computed once."""
-    cfg, task, source, bridge, prompter, run = (ctx["cfg"], ctx["task"], ctx["source"], ctx["bridge"],
-                                                 ctx["prompter"], ctx["run"])
+    alone) per split so they are computed once. Chunks of eval.batch_size rows are split over the processes."""
+    cfg, task, source, prompter, run = ctx["cfg"], ctx["task"], ctx["source"], ctx["prompter"], ctx["run"]
+    bridge = ctx["bridge_module"]
     bridge.eval()
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     show = cfg.bridge.mode == "soft_plus_text"
-    rows = {"bridged": [], "zero_source": [], "shuffled_source": []}
-    src_of: list[str] = []
-    softs = []
-    for a, b in eval_chunks(len(exs), cfg.eval.batch_size):
-        chunk = exs[a:b]
-        states, smask = source.encode(source_texts(chunk, task, cfg))
-        soft, soft_mask = bridge(states, smask)  # (b, K, Dt), (b, K)
-        softs.append(soft)
-        perm = derangement(len(chunk), gen).tolist()  # row i reads row perm[i]'s source
-        for i, e in enumerate(chunk):
-            rows["bridged"].append(prompter.row(e, soft[i][soft_mask[i]], show, answer=False))
-            rows["zero_source"].append(prompter.row(e, torch.zeros_like(soft[i][soft_mask[i]]), show, answer=False))
-            rows["shuffled_source"].append(prompter.row(e, soft[perm[i]][soft_mask[perm[i]]], show, answer=False))
-            src_of.append(chunk[perm[i]].id)
-    frozen_text = cfg.target.lora.r == 0
-    if not (frozen_text and ("target_text", split) in cache):
-        rows["target_text"] = [prompter.text_row(e, answer=False) for e in exs]
-    flat = [r for rs in rows.values() for r in rs]
-    texts = decode_rows(ctx, flat)
-    outputs = {}
-    for k, rs in rows.items():
-        outputs[k], texts = texts[:len(rs)], texts[len(rs):]
+    spans = eval_chunks(len(exs), cfg.eval.batch_size)
+
+    def run_chunks(part: list[tuple[int, int]], offset: int) -> list[dict]:
+        """Every condition's rows of each chunk, decoded. One result per chunk."""
+        out = []
+        for c, (a, b) in enumerate(part, start=offset):
+            chunk = exs[a:b]
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 104_729 + c)  # per chunk: any sharding
+            states, smask = source.encode(source_texts(chunk, task, cfg))
+            soft, soft_mask = bridge(states, smask)  # (b, K, Dt), (b, K)
+            perm = derangement(len(chunk), gen).tolist()  # row i reads row perm[i]'s source
+            rows = {"bridged": [], "zero_source": [], "shuffled_source": []}
+            for i, e in enumerate(chunk):
+                rows["bridged"].append(prompter.row(e, soft[i][soft_mask[i]], show, answer=False))
+                rows["zero_source"].append(prompter.row(e, torch.zeros_like(soft[i][soft_mask[i]]), show, answer=False))
+                rows["shuffled_source"].append(prompter.row(e, soft[perm[i]][soft_mask[perm[i]]], show, answer=False))
+            if not (cfg.target.lora.r == 0 and ("target_text", split) in cache):
+                rows["target_text"] = [prompter.text_row(e, answer=False) for e in chunk]
+            texts = decode_rows(ctx, [r for rs in rows.values() for r in rs])
+            outs = {k: texts[j * len(chunk):(j + 1) * len(chunk)] for j, k in enumerate(rows)}
+            out.append({"outputs": outs, "src_of": [chunk[j].id for j in perm], "soft": soft.cpu()})
+        return out
+
+    with training.autocast_of(ctx.get("compute")):
+        parts = training.sharded(ctx.get("compute"), spans, run_chunks)
+    outputs = {k: sum((p["outputs"][k] for p in parts), []) for k in parts[0]["outputs"]}
+    src_of = sum((p["src_of"] for p in parts), [])
+    softs = [p["soft"] for p in parts]
     bridge.train()
 
+    frozen_text = cfg.target.lora.r == 0
     shown = [prompter.get(e)["shown"] for e in exs]
     recs = {"bridged": score_records(task, exs, outputs["bridged"], shown),
             "zero_source": score_records(task, exs, outputs["zero_source"], shown,
@@ -384,7 +387,9 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
         recs["target_text"] = cache[("target_text", split)]
     if cfg.eval.source_alone and source.can_generate:
         if ("source", split) not in cache:
-            cache[("source", split)] = source_alone(ctx, exs)
+            with training.autocast_of(ctx.get("compute")):
+                cache[("source", split)] = training.sharded(ctx.get("compute"), exs,
+                                                            lambda part, _: source_alone(ctx, part))
         recs["source_alone"] = cache[("source", split)]
 
     split_name = "val" if split == cfg.data.val_split else ("test" if split == cfg.data.test_split else split)
@@ -395,7 +400,7 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
               "source": cfg.source.name, "target": cfg.target.name}
     out = {}
     for cond, rs in recs.items():
-        summary = {**common, "tag": base, "condition": cond, "metrics": summarize(rs)}
+        summary = {**common, "tag": base, "condition": cond, "metrics": summarize(rs, task)}
         if cond == "bridged":
             tag = base
             summary["soft_tokens"] = soft_stats
@@ -460,9 +465,10 @@ def main(cfg: Config, run: Run) -> dict:
 
     # ---- setup ---------------------------------------------------------------------------------------------------
     cpu0, wall0 = time.process_time(), time.time()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    dist.seed_everything(cfg.seed)
+    compute = training.setup(cfg.train, run)
+    training.seed_everything(cfg.seed)
+    if cfg.train.batch_size % compute.world_size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must divide over {compute.world_size} processes")
     task = get_task(cfg.data.task, **cfg.data.task_args)
     train = task.examples("train")
     train = train[: cfg.data.n_train] if cfg.data.n_train else train
@@ -470,63 +476,67 @@ def main(cfg: Config, run: Run) -> dict:
     val = val[: cfg.eval.limit] if cfg.eval.limit else val
     src_stand_in = run.dry_run and not is_available_offline(cfg.source.name)
     tgt_stand_in = run.dry_run and not is_available_offline(cfg.target.name)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.train.device == "auto" else cfg.train.device
+    device = compute.device
     source = load_source(cfg.source, device=device, stand_in=src_stand_in)
-    target, tok = load_for_config(cfg.target, device=device, stand_in=tgt_stand_in)
-    for n, p in target.named_parameters():  # frozen; with LoRA only the adapter trains
+    target_module, tok = load_for_config(cfg.target, device=device, stand_in=tgt_stand_in)
+    for n, p in target_module.named_parameters():  # frozen; with LoRA only the adapter trains
         p.requires_grad_("lora_" in n)
-    target.eval()  # no dropout in the frozen target
+    target_module.eval()  # no dropout in the frozen target
     torch.manual_seed(cfg.seed)  # the bridge's init does not depend on what loading consumed
-    bridge = Bridge(source.dim, target.get_input_embeddings().weight, cfg.translator, cfg.dit,
-                    ctc_blank=cfg.loss.align > 0 and cfg.loss.align_mode == "ctc").to(device)
+    bridge_module = Bridge(source.dim, target_module.get_input_embeddings().weight, cfg.translator, cfg.dit,
+                           ctc_blank=cfg.loss.align > 0 and cfg.loss.align_mode == "ctc").to(device)
     prompter = Prompter(task, tok, cfg)
-    ctx = {"cfg": cfg, "task": task, "source": source, "target": target, "bridge": bridge, "prompter": prompter,
-           "run": run}
-    params = [p for p in bridge.parameters() if p.requires_grad] + \
-             [p for p in target.parameters() if p.requires_grad]
+    params = [p for p in bridge_module.parameters() if p.requires_grad] + \
+             [p for p in target_module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-    def lr_factor(step: int) -> float:
-        return min(1.0, (step + 1) / cfg.train.warmup_steps) if cfg.train.warmup_steps else 1.0
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = training.lr_schedule(opt, cfg.train)
+    # the translator (and a target LoRA) under DDP; find_unused: a DiT or CTC blank with weight 0 gets no gradient
+    bridge, target, opt = compute.prepare(bridge_module, target_module, opt, find_unused=True)
+    ctx = {"cfg": cfg, "task": task, "source": source, "target": target, "target_module": target_module,
+           "bridge": bridge, "bridge_module": bridge_module, "prompter": prompter, "run": run, "compute": compute}
 
     def step_gen(step: int) -> torch.Generator:  # curriculum draws, shuffles, DiT noise: a pure function of (seed, step)
         return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
 
-    n_bridge = sum(p.numel() for p in bridge.parameters())
-    t_train, t_total = count_parameters(target)
-    dist.print0(f"source {cfg.source.name}{' (tiny stand-in)' if src_stand_in else ''} (dim {source.dim}, "
-                f"layers {source.cfg.layers}); target {cfg.target.name}{' (tiny stand-in)' if tgt_stand_in else ''} "
-                f"({t_train:,} trainable / {t_total:,}); bridge {cfg.translator.kind} {n_bridge:,} parameters; "
-                f"task {task.name}: {len(train)} train, {len(val)} validation; mode {cfg.bridge.mode}")
+    n_bridge = sum(p.numel() for p in bridge_module.parameters())
+    t_train, t_total = count_parameters(target_module)
+    training.print0(f"source {cfg.source.name}{' (tiny stand-in)' if src_stand_in else ''} (dim {source.dim}, "
+                    f"layers {source.cfg.layers}); target {cfg.target.name}{' (tiny stand-in)' if tgt_stand_in else ''}"
+                    f" ({t_train:,} trainable / {t_total:,}); bridge {cfg.translator.kind} {n_bridge:,} parameters; "
+                    f"task {task.name}: {len(train)} train, {len(val)} validation; mode {cfg.bridge.mode}; generation "
+                    f"backend own (decoding from soft-token embeddings)")
 
-    def batch_for(step: int):
-        return [train[i] for i in batch_indices(step, cfg.train.batch_size, len(train), cfg.seed)]
+    def batch_for(step: int) -> tuple[list, slice]:
+        """This process's shard of the step's global batch, and where it sits in it."""
+        idx = batch_indices(step, cfg.train.batch_size, len(train), cfg.seed)
+        k = cfg.train.batch_size // compute.world_size
+        rows = slice(compute.rank * k, (compute.rank + 1) * k)
+        return [train[i] for i in idx[rows]], rows
 
     if run.dry_run:  # two examples (the fewest the shuffled/contrastive terms need): a laptop check, not a benchmark
-        exs = batch_for(0)[:2]
-        terms, info = loss_terms(ctx, exs, 0, step_gen(0))
+        exs = batch_for(0)[0][:2]
+        with compute.autocast():
+            terms, info = loss_terms(ctx, exs, 0, step_gen(0))
         audit = audit_terms(terms, params)
         loss = float(total_loss(terms).detach())
         shown = prompter.get(exs[0])["shown"]
-        dist.print0(f"dry run: soft tokens {tuple(info['soft'].shape)}, loss {loss:.4f}\n{audit.table()}\n"
-                    f"bridged prompt (end): {('...' if len(shown) > 300 else '') + shown[-300:]!r}\nnothing trained")
-        return {"dry_run": True, "bridge_params": n_bridge, "loss": loss,
+        training.print0(f"dry run: soft tokens {tuple(info['soft'].shape)}, loss {loss:.4f}\n{audit.table()}\n"
+                        f"bridged prompt (end): {('...' if len(shown) > 300 else '') + shown[-300:]!r}\nnothing trained")
+        return {"dry_run": True, "bridge_params": n_bridge, "loss": loss, **compute.describe(), "backend": "own",
                 "terms": {k: float(v.detach()) for k, (_, v) in terms.items()}}
 
     record_train_ids(run, [e.id for e in train])
     watcher = Watcher(run, cfg.watch)
-    modules = {"bridge": bridge} | ({"target": target} if cfg.target.lora.r > 0 else {})
-    start, best = 0, {"acc": -1.0, "step": -1}
+    modules = {"bridge": bridge_module} | ({"target": target_module} if cfg.target.lora.r > 0 else {})
+    start, best = 0, training.Best("accuracy")
     if run.resume_from is not None:
         state = run.resume_from.restore(modules=modules, optimizer=opt, scheduler=sched)
-        start, best = state["step"], state["best"]
-        dist.print0(f"resumed from {run.resume_from.path} at step {start}")
+        start, best = state["step"], training.Best.from_state(state, "accuracy")
+        training.print0(f"resumed from {run.resume_from.path} at step {start}")
 
     def save(step: int, name: str | None = None):
         run.save_checkpoint(step, modules=modules, optimizer=opt, scheduler=sched, name=name,
-                            state={"best": best, "selected_on": "val", "metric": f"eval/{task.name}/acc"})
+                            state={"best": best.state(), "selected_on": "val", "metric": f"eval/{task.name}/acc"})
 
     cache: dict = {}
 
@@ -534,17 +544,13 @@ def main(cfg: Config, run: Run) -> dict:
         with run.phase("eval"):
             res = evaluate(ctx, val, cfg.data.val_split, step, False, cache)
         run.log(step, {**eval_metrics(res, f"eval/{task.name}"), "time/cpu_s": time.process_time() - cpu0})
-        dist.print0(f"step {step}: validation {fmt(res)}")
+        training.print0(f"step {step}: validation {fmt(res)}")
         return res["bridged"]["metrics"]["accuracy"]["value"]
-
-    def periodic(step: int) -> bool:  # eval.every <= 0: no periodic evals (-1 also skips the one before training)
-        return cfg.eval.every > 0 and step % cfg.eval.every == 0 and step < cfg.train.steps
 
     n_test = cfg.eval.test_limit or len(task.examples(cfg.data.test_split))
     run.final_eval_scale = 1.0 + n_test / max(1, len(val))
     if start == 0 and cfg.eval.every >= 0:
-        best = {"acc": validate(0), "step": 0}
-        save(0, name="best")
+        best.offer(0, validate(0), save)
 
     # ---- train ---------------------------------------------------------------------------------------------------
     step, t_last = start, time.time()
@@ -552,63 +558,56 @@ def main(cfg: Config, run: Run) -> dict:
     while step < cfg.train.steps:
         if run.should_stop(step):
             break
-        exs = batch_for(step)
-        terms, info = loss_terms(ctx, exs, step, step_gen(step))
+        exs, rows_of = batch_for(step)
+        with compute.autocast():
+            terms, info = loss_terms(ctx, exs, step, step_gen(step), rows_of)
         metrics = {}
         if cfg.watch.audit_every and step % cfg.watch.audit_every == 0:  # each weighted term's gradient alone
-            metrics.update(audit_terms(terms, params).metrics())
+            metrics.update({k: compute.mean(v) for k, v in audit_terms(terms, params).metrics().items()})
         loss = total_loss(terms)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
+        compute.backward(loss)
+        gnorm = compute.clip_grad_norm(params, cfg.train.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         if step % cfg.train.log_every == 0 or step == 1:
             now = time.time()
-            metrics.update({"train/loss": float(loss.detach()), "train/grad_norm": float(gnorm),
+            soft = torch.cat(compute.gather(info["soft"].float().cpu()))  # (B_global, K, Dt)
+            metrics.update({"train/loss": compute.mean(loss.detach()), "train/grad_norm": gnorm,
                             "train/lr": sched.get_last_lr()[0], "train/p_text": info["p_text"],
-                            "train/nll": float(info["nll"].mean()), "time/step_s": (now - t_last),
+                            "train/nll": compute.mean(info["nll"].mean()), "time/step_s": (now - t_last),
                             "time/cpu_s": time.process_time() - cpu0, "time/wall_s": now - wall0,
-                            **{f"train/term/{k}": float(v.detach()) for k, (_, v) in terms.items()},
-                            **encoder_stats(info["soft"])})
+                            **{f"train/term/{k}": compute.mean(v.detach()) for k, (_, v) in terms.items()},
+                            **encoder_stats(soft)})
             if info["nll_shuffled"] is not None:
-                metrics["train/nll_shuffled"] = float(info["nll_shuffled"].mean())
+                metrics["train/nll_shuffled"] = compute.mean(info["nll_shuffled"].mean())
         t_last = time.time()
         if metrics:
             run.log(step, metrics)
             if watcher.step(step, metrics):
                 break
-        if periodic(step):
-            acc = validate(step)
-            if acc > best["acc"]:
-                best = {"acc": acc, "step": step}
-                save(step, name="best")
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+        if training.eval_due(cfg.eval.every, step, cfg.train.steps):
+            best.offer(step, validate(step), save)
+        if training.checkpoint_due(cfg.train, step):
             save(step)
 
     # ---- final: validation, then test once on the best-on-validation checkpoint ----------------------------------
-    save(step)
-    if run.stop_reason in ("SIGTERM", "SIGINT"):
-        return {"final_step": step, "stopped": run.stop_reason}
-    if step > 0 and not periodic(step):  # (a stop right after a periodic eval needs no second one)
-        acc = validate(step)
-        if acc > best["acc"]:
-            best = {"acc": acc, "step": step}
-            save(step, name="best")
-    if best["step"] != step:
-        from reasonlab.runs import open_checkpoint
+    def test_once(best_step: int) -> dict:
+        test = task.examples(cfg.data.test_split)
+        test = test[: cfg.eval.test_limit] if cfg.eval.test_limit else test
+        with run.phase("eval"):
+            return evaluate(ctx, test, cfg.data.test_split, best_step, True, cache)
 
-        open_checkpoint(run.dir / "checkpoints" / "best").restore(modules=modules, rng=False)
-    test = task.examples(cfg.data.test_split)
-    test = test[: cfg.eval.test_limit] if cfg.eval.test_limit else test
-    with run.phase("eval"):
-        res = evaluate(ctx, test, cfg.data.test_split, best["step"], True, cache)
+    res = training.final_eval(run, step, best, modules=modules, validate=validate, save=save, test=test_once)
+    if res is None:
+        return {"final_step": step, "stopped": run.stop_reason}
     cpu = time.process_time() - cpu0
     run.log(step, {**eval_metrics(res, f"test/{task.name}"), "time/cpu_s": cpu, "time/wall_s": time.time() - wall0})
-    dist.print0(f"test (checkpoint chosen on validation, step {best['step']}): {fmt(res)}; "
-                f"process CPU {cpu / 60:.1f} min")
+    training.print0(f"test (checkpoint chosen on validation, step {best.step}): {fmt(res)}; "
+                    f"process CPU {cpu / 60:.1f} min")
     # `reasonlab run` writes report.md once the run folder says how the run ended
-    return {"final_step": step, "best_step": best["step"], "best_val_acc": best["acc"], "cpu_s": round(cpu, 1),
+    return {"final_step": step, "best_step": best.step, "best_val_acc": best.value, "cpu_s": round(cpu, 1),
             "test": {c: res[c]["metrics"]["accuracy"] for c in res if c != "soft_stats"},
-            "test_unique_output_ratio": res["bridged"]["metrics"]["unique_output_ratio"]["value"]}
+            "test_unique_output_ratio": res["bridged"]["metrics"]["unique_output_ratio"]["value"],
+            "ranks": compute.gather(compute.rank)}

@@ -4,8 +4,10 @@ Paper: Hamid et al., "Polychromic Objectives for Reinforcement Learning", arXiv 
 f(Y) = mean reward(Y) x diversity(Y); Poly-PPO's subset estimator). What is implemented (and nothing more):
 
 - Rollouts: each step takes `train.batch_size` prompts (a seeded permutation, a pure function of (seed, step)) and
-  samples `rollout.n` = N completions per prompt from the current policy (own decode loop, prompt prefilled once per
-  group), temperature `rollout.temperature`, cut at `rollout.stop`. Reward per completion = the task's own scorer
+  samples `rollout.n` = N completions per prompt from the current policy (`rollout.backend`: the own decode loop with
+  the prompt prefilled once per group | hf | vllm with the policy's weights handed over after every update),
+  temperature `rollout.temperature`, cut at `rollout.stop`; each prompt's samples and subsets are seeded by (seed,
+  step, its place in the global batch), so they do not depend on how prompts are spread over processes. Reward per completion = the task's own scorer
   (1.0 if correct else 0.0) or a user function `reward.fn: module:function`, f(completions, examples) -> list[float|None]
   (None counts as 0.0 and is logged as rollout/reward_none_frac).
 - Set-level advantage per completion (reasonlab.rl.setlevel), per prompt: diversity d = fraction of distinct extracted
@@ -31,8 +33,12 @@ f(Y) = mean reward(Y) x diversity(Y); Poly-PPO's subset estimator). What is impl
   (nltk semantics), unique-answer ratio, optional MiniLM semantic diversity, each with n and a 95% CI (eval.harness).
   Validation before training, every `eval.every` steps and at the end; the `best` checkpoint is chosen on validation by
   `eval.select_on`; test is evaluated once, at the end, on that checkpoint.
+- Compute (reasonlab.training): train.device / train.precision; under `accelerate launch` each process takes an equal
+  shard of the step's prompts and DDP averages the gradients (train.agg seq_mean / seq_sum: the update equals the
+  one-process update; token_mean weighs each process's tokens alone); rollout statistics are computed over the whole
+  global batch; evaluation is split over the processes.
 - Run-folder contract: metrics, events (watcher), checkpoints (the LoRA adapter), resume, --time-limit, SIGTERM,
-  --dry-run, report.md (written by `reasonlab run` at the end). One process (no multi-process support yet).
+  --dry-run, report.md (written by `reasonlab run` at the end).
 
     reasonlab run configs/polychromic/countdown-smollm2.yaml
     reasonlab run configs/polychromic/countdown-smollm2.yaml set.mode=grpo     # the twin
@@ -43,7 +49,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +56,14 @@ from typing import Literal
 
 import torch
 
-from reasonlab import dist
+from reasonlab import training
 from reasonlab.config import BaseConfig, ConfigError, EvalConfig, F, TrainConfig
 from reasonlab.diagnostics.watch import WatchConfig, Watcher, group_reward_stats, record_train_ids, rollout_stats
+from reasonlab.eval.generate import Backend
 from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl import setlevel as S
 from reasonlab.rl.audit import audit_terms
-from reasonlab.rl.policy import group_standardize, kl_k3, masked_mean, pg_loss
+from reasonlab.rl.policy import group_standardize, kl_k3, masked_mean, pg_loss, shared_prompt_logprobs
 from reasonlab.runs import Run, batch_indices
 
 
@@ -79,6 +85,8 @@ class RolloutConfig:
     top_p: float = F(1.0, "nucleus sampling mass of the rollouts")
     max_new_tokens: int = F(24, "generation budget per completion")
     stop: list[str] = F(["\n"], "stop strings: a completion ends before the first one (also used by evals)")
+    backend: Backend = F("auto", "who samples (rollouts and evals): auto (vllm on CUDA when installed, else own) | "
+                         "own | hf | vllm")
 
     def __post_init__(self):
         if self.n < 2:
@@ -224,70 +232,30 @@ def call_reward_fn(fn, spec: str, completions: list[str], examples: list) -> tup
     return rewards, n_none
 
 
-def group_logprobs(model, prompt: list[int], completions: list[list[int]], pad_id: int,
-                   return_logits: bool = False):
-    """log pi of each of N completions of ONE prompt, running the prompt once and sharing its keys/values.
-
-    Returns lp (N, K) [and float32 logits (N, K, V)], K = the longest completion; column j scores completion token j;
-    columns past a completion's end hold the pad token's log-prob (mask them: `completion_mask`). Exact: the prompt's
-    keys/values are repeated across the group with a differentiable repeat_interleave, so gradients reach the prompt
-    activations from all N completions, as in a padded batch of N full rows (tested against rl.policy.token_logprobs),
-    for (Tp + N*K) token positions instead of N*(Tp + K): on CPU with a 3-shot prompt that is ~4x less work.
-    """
-    from transformers import DynamicCache
-
-    N, K, Tp = len(completions), max(1, max(len(c) for c in completions)), len(prompt)
-    if Tp < 1:
-        raise ValueError("the prompt needs at least one token")
-    p = torch.tensor([prompt], dtype=torch.long)  # (1, Tp)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=p, attention_mask=torch.ones_like(p), position_ids=torch.arange(Tp)[None],
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1:].float().expand(N, 1, -1)  # (N, 1, V): predicts completion token 0
-    targets = torch.full((N, K), pad_id, dtype=torch.long)  # (N, K) right-padded completions
-    for i, c in enumerate(completions):
-        targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-    if K > 1:
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(N)  # (1, H, Tp, d) -> (N, H, Tp, d), differentiable
-        x = targets[:, :-1]  # (N, K-1): token j predicts token j+1; padding sits after every real token (causal)
-        out2 = model(input_ids=x, attention_mask=torch.ones(N, Tp + K - 1, dtype=torch.long),
-                     position_ids=(Tp + torch.arange(K - 1))[None].expand(N, -1), past_key_values=cache,
-                     use_cache=True)
-        logits = torch.cat([logits, out2.logits.float()], dim=1)  # (N, K, V)
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, K)
-    return (lp, logits) if return_logits else lp
-
-
-def completion_mask(completions: list[list[int]], K: int) -> torch.Tensor:
-    """(N, K) float: 1 on the tokens of each right-padded completion."""
-    m = torch.zeros(len(completions), K)
-    for i, c in enumerate(completions):
-        m[i, :len(c)] = 1.0
-    return m
-
-
 def rollout_logprobs(model, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int,
                      return_logits: bool = False):
-    """group_logprobs for P prompts x N completions, stacked: lp (P*N, K), mask (P*N, K) [, logits (P*N, K, V)]."""
+    """log pi of P prompts x N completions, each prompt run once and shared across its N completions
+    (rl.policy.shared_prompt_logprobs), stacked: lp (P*N, K), mask (P*N, K) [, float logits (P*N, K, V)], K = the
+    longest completion; columns past a completion's end are masked."""
     K = max(1, max(len(c) for g in completions for c in g))
-    lps, logits = [], []
+    lps, masks, logits = [], [], []
     for prompt, group in zip(prompts, completions):
-        out = group_logprobs(model, prompt, group, pad_id, return_logits)
-        lp, lg = out if return_logits else (out, None)
-        lps.append(torch.nn.functional.pad(lp, (0, K - lp.shape[1])))  # (N, K)
+        out = shared_prompt_logprobs(model, prompt, group, pad_id=pad_id, return_logits=return_logits)
+        lps.append(torch.nn.functional.pad(out[0], (0, K - out[0].shape[1])))  # (N, K)
+        masks.append(torch.nn.functional.pad(out[1], (0, K - out[1].shape[1])))
         if return_logits:
-            logits.append(torch.nn.functional.pad(lg, (0, 0, 0, K - lg.shape[1])))  # (N, K, V)
-    mask = torch.cat([completion_mask(g, K) for g in completions])  # (P*N, K)
-    lp = torch.cat(lps)  # (P*N, K)
+            logits.append(torch.nn.functional.pad(out[2], (0, 0, 0, K - out[2].shape[1])))  # (N, K, V)
+    lp, mask = torch.cat(lps), torch.cat(masks)  # (P*N, K) x2
     return (lp, mask, torch.cat(logits)) if return_logits else (lp, mask)
 
 
 def set_level(rewards: list[list[float]], answers: list[list[str | None]], texts: list[list[str]], sc: SetConfig,
-              gen: torch.Generator, encoder=None) -> dict:
-    """Set advantages and statistics for P prompts x N samples. Returns tensors (P, N) and per-prompt stats."""
+              gens: list[torch.Generator] | torch.Generator, encoder=None) -> dict:
+    """Set advantages and statistics for P prompts x N samples (`gens`: one subset generator per prompt, or one shared
+    by all). Returns tensors (P, N) and per-prompt stats."""
     adv, base, full, div_full, ans_div = [], [], [], [], []
     for p, (r, a, t) in enumerate(zip(rewards, answers, texts)):
+        gen = gens[p] if isinstance(gens, (list, tuple)) else gens
         distance = None
         if sc.diversity == "semantic":
             emb = torch.as_tensor(encoder.encode(list(t), convert_to_numpy=True, show_progress_bar=False))  # (N, D)
@@ -306,16 +274,18 @@ def set_level(rewards: list[list[float]], answers: list[list[str | None]], texts
 
 
 def evaluate_split(model, tok, task, examples, split: str, cfg: Config, tag: str, step: int, run: Run,
-                   semantic: bool = False):
-    """eval.samples samples per prompt, scored by the task; writes evals/<tag>.jsonl/.json; returns the summary."""
+                   semantic: bool = False, compute=None, sampler=None):
+    """eval.samples samples per prompt (split over the processes), scored by the task; writes evals/<tag>.jsonl/.json
+    (rank 0); returns the summary on every rank."""
     from reasonlab.eval.harness import EvalSettings, evaluate
 
     e = cfg.eval
     s = EvalSettings(style=cfg.data.style, chat=cfg.data.chat, samples=e.samples, temperature=e.temperature,
                      top_p=e.top_p, max_new_tokens=e.max_new_tokens, stop=tuple(cfg.rollout.stop),
                      batch_size=e.batch_size, seed=e.seed, mode="generate", semantic=semantic, progress=False)
-    records, summary = evaluate(model, tok, task, split=split, examples=examples, settings=s,
-                                model_id=cfg.model.name)
+    with training.autocast_of(compute):
+        records, summary = evaluate(model, tok, task, split=split, examples=examples, settings=s,
+                                    model_id=cfg.model.name, compute=compute, sampler=sampler)
     summary.update({"tag": tag, "step": step, "method": "polychromic", "set_mode": cfg.set.mode, "seed": cfg.seed})
     run.write_eval(tag, records, summary)
     return summary
@@ -325,14 +295,14 @@ def evaluate_split(model, tok, task, examples, split: str, cfg: Config, tag: str
 
 
 def main(cfg: Config, run: Run) -> dict:
-    from reasonlab.eval.generate import GenConfig, encode, format_prompt, generate
+    from reasonlab.eval.generate import GenConfig, encode, format_prompt, make_sampler, prompt_seeds, resolve_backend
     from reasonlab.eval.harness import flat_metrics
     from reasonlab.tasks import get_task
 
     # ---- setup ---------------------------------------------------------------------------------------------------
-    if dist.world_size() > 1:
-        raise ConfigError("the polychromic recipe runs in one process; launch it without accelerate/torchrun")
-    dist.seed_everything(cfg.seed)
+    compute = training.setup(cfg.train, run)
+    backend = resolve_backend(cfg.rollout.backend, compute.device)  # a missing vLLM fails here, before any model loads
+    training.seed_everything(cfg.seed)
     task = get_task(cfg.data.task, **cfg.data.task_args)
     train = task.examples("train")
     train = train[: cfg.data.n_train] if cfg.data.n_train else train
@@ -341,41 +311,48 @@ def main(cfg: Config, run: Run) -> dict:
     test = task.examples(cfg.data.test_split)
     test = test[: cfg.eval.test_limit] if cfg.eval.test_limit else test
     reward_fn = None if cfg.reward.fn == "task" else load_reward_fn(cfg.reward.fn)
+    polychromic = cfg.set.mode == "polychromic"
+    N, P = cfg.rollout.n, cfg.train.batch_size
+    if P % compute.world_size:
+        raise ConfigError(f"train.batch_size {P} prompts per step must divide over {compute.world_size} processes")
     encoder = None
     if cfg.set.diversity == "semantic":
         from reasonlab.eval.diversity import load_encoder
 
-        encoder = load_encoder()
+        encoder = load_encoder(device=str(compute.device))
     stand_in = run.dry_run and not is_available_offline(cfg.model.name)
-    model, tok = load_for_config(cfg.model, stand_in=stand_in)
+    model, tok = load_for_config(cfg.model, device=compute.device, stand_in=stand_in)
     model.train()
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / cfg.train.warmup_steps if s < cfg.train.warmup_steps else 1.0)
-    polychromic = cfg.set.mode == "polychromic"
-    N, P = cfg.rollout.n, cfg.train.batch_size
+    sched = training.lr_schedule(opt, cfg.train)
+    policy, opt = compute.prepare(model, opt)  # `policy` takes the gradient forwards (DDP); `model` is the same weights
+    sampler = make_sampler(backend, model, tok, device=compute.device,
+                           vllm=training.vllm_settings(cfg.model, cfg.seed))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompt_text = [format_prompt(tok, task.prompt(e, cfg.data.style), cfg.data.chat) for e in train]
     watcher = Watcher(run, cfg.watch)
     record_train_ids(run, [e.id for e in train])
-    dist.print0(f"model {cfg.model.name}{' (tiny stand-in)' if stand_in else ''}: {trainable:,} trainable / "
-                f"{total:,} parameters; task {task.name}: {len(train)} train, {len(val)} validation, {len(test)} test; "
-                f"mode {cfg.set.mode}; {P} prompts x {N} samples per step")
+    training.print0(f"model {cfg.model.name}{' (tiny stand-in)' if stand_in else ''}: {trainable:,} trainable / "
+                    f"{total:,} parameters; task {task.name}: {len(train)} train, {len(val)} validation, {len(test)} "
+                    f"test; mode {cfg.set.mode}; {P} prompts x {N} samples per step; generation backend {sampler.name}")
 
     def rollout(step: int):
-        """Sample N completions for each of this step's P prompts and score them."""
-        idx = batch_indices(step, P, len(train), cfg.seed)
+        """Sample N completions for each of this process's prompts of the step and score them."""
+        slots = compute.shard(list(range(P)))  # this process's places in the global batch
+        idx = [batch_indices(step, P, len(train), cfg.seed)[k] for k in slots]
         exs = [train[i] for i in idx]
         p_ids = encode(tok, [prompt_text[i] for i in idx], cfg.data.chat)
         gc = GenConfig(n=N, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                        max_new_tokens=cfg.rollout.max_new_tokens, stop=tuple(cfg.rollout.stop), batch_size=P * N,
-                       seed=cfg.seed * 1_000_003 + step, progress=False)
-        samples = generate(model, tok, p_ids, gc)  # samples[p][j]
-        texts = [[s.text for s in g] for g in samples]  # (P, N)
+                       progress=False)
+        seeds = prompt_seeds(cfg.seed * 1_000_003 + step, P)  # per global slot: the same samples in any sharding
+        with compute.autocast():
+            samples = sampler.generate(p_ids, gc, seeds=[seeds[k] for k in slots])  # samples[p][j]
+        texts = [[s.text for s in g] for g in samples]  # (P_local, N)
         scores = [[task.score(t, e) for t in g] for g, e in zip(texts, exs)]
-        answers = [[s.extracted for s in g] for g in scores]  # (P, N)
+        answers = [[s.extracted for s in g] for g in scores]  # (P_local, N)
         correct = [[float(s.correct) for s in g] for g in scores]
         n_none = 0
         if reward_fn is None:
@@ -383,85 +360,100 @@ def main(cfg: Config, run: Run) -> dict:
         else:
             flat, n_none = call_reward_fn(reward_fn, cfg.reward.fn, [t for g in texts for t in g],
                                           [e for e in exs for _ in range(N)])
-            rewards = [flat[p * N:(p + 1) * N] for p in range(P)]
+            rewards = [flat[p * N:(p + 1) * N] for p in range(len(exs))]
         eos = tok.eos_token_id
-        comp = [[s.token_ids + ([eos] if s.finish == "eos" else []) for s in g] for g in samples]  # (P, N) lists
-        return exs, samples, texts, answers, correct, rewards, n_none, p_ids, comp
+        comp = [[s.token_ids + ([eos] if s.finish == "eos" else []) for s in g] for g in samples]  # (P_local, N) lists
+        return slots, exs, samples, texts, answers, correct, rewards, n_none, p_ids, comp
 
     def loss_terms(step: int, ro) -> tuple[dict, dict]:
-        """Weighted loss terms {name: (weight, loss)} and detached statistics for one rollout."""
-        exs, samples, texts, answers, correct, rewards, n_none, p_ids, comp = ro
-        r = torch.tensor(rewards, dtype=torch.float32)  # (P, N)
-        a_reward = group_standardize(r.view(-1), group_size=N).view(P, N)  # (P, N), mean/std detached
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        sl = set_level(rewards, answers, texts, cfg.set, gen, encoder)  # set statistics in both modes
-        lp, mask, logits = rollout_logprobs(model, p_ids, comp, pad_id, return_logits=True)  # (B, K) x2, (B, K, V)
-        terms = {"pg_reward": (cfg.set.reward_weight, pg_loss(lp, a_reward.view(-1), mask, cfg.train.agg))}
-        if polychromic:
-            terms["pg_set"] = (cfg.set.weight, pg_loss(lp, sl["adv"].view(-1), mask, cfg.train.agg))
-        kl_tok = None
-        if cfg.train.kl_coef > 0:
-            with torch.no_grad(), reference(model):
-                ref_lp, _ = rollout_logprobs(model, p_ids, comp, pad_id)  # (B, K)
-            kl_tok = kl_k3(lp, ref_lp)  # (B, K)
-            terms["kl"] = (cfg.train.kl_coef, masked_mean(kl_tok, mask, cfg.train.agg))
+        """Weighted loss terms {name: (weight, loss)} of this process's prompts, and detached statistics of the whole
+        global rollout (gathered from every process)."""
+        slots, exs, samples, texts, answers, correct, rewards, n_none, p_ids, comp = ro
+        Pl = len(exs)
+        r = torch.tensor(rewards, dtype=torch.float32, device=compute.device)  # (P_local, N)
+        a_reward = group_standardize(r.view(-1), group_size=N).view(Pl, N)  # (P_local, N), mean/std detached
+        gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + k) for k in slots]
+        sl = set_level(rewards, answers, texts, cfg.set, gens, encoder)  # set statistics in both modes
+        a_set = sl["adv"].to(compute.device)  # (P_local, N)
+        with compute.autocast():
+            lp, mask, logits = rollout_logprobs(policy, p_ids, comp, pad_id, return_logits=True)  # (B, K) x2, (B, K, V)
+            terms = {"pg_reward": (cfg.set.reward_weight, pg_loss(lp, a_reward.view(-1), mask, cfg.train.agg))}
+            if polychromic:
+                terms["pg_set"] = (cfg.set.weight, pg_loss(lp, a_set.view(-1), mask, cfg.train.agg))
+            kl_tok = None
+            if cfg.train.kl_coef > 0:
+                with torch.no_grad(), reference(model):
+                    ref_lp, _ = rollout_logprobs(model, p_ids, comp, pad_id)  # (B, K)
+                kl_tok = kl_k3(lp, ref_lp)  # (B, K)
+                terms["kl"] = (cfg.train.kl_coef, masked_mean(kl_tok, mask, cfg.train.agg))
         with torch.no_grad():
             m = mask.bool()
-            logp_all = torch.log_softmax(logits[m], dim=-1)  # (n_tokens, V)
-            entropy = float(-(logp_all.exp() * logp_all).sum(-1).mean()) if m.any() else 0.0
+            logp_all = torch.log_softmax(logits[m].float(), dim=-1)  # (n_tokens, V)
+            ent_sum = float(-(logp_all.exp() * logp_all).sum(-1).sum()) if m.any() else 0.0
             del logp_all
-            c = torch.tensor(correct)  # (P, N)
-            raw, adv = sl["raw"], sl["adv"]
+            n_tok = compute.sum(mask.sum())
+            # the whole global rollout, as one process would see it
+            g = lambda x: sum(compute.gather(x), [])  # noqa: E731
+            all_rewards, all_correct, all_answers, all_texts = g(rewards), g(correct), g(answers), g(texts)
+            raw, adv = torch.cat(compute.gather(sl["raw"])), torch.cat(compute.gather(sl["adv"]))  # (P, N)
+            c = torch.tensor(all_correct)  # (P, N)
+            rg = torch.tensor(all_rewards, dtype=torch.float32)  # (P, N)
+            a_reward_all = group_standardize(rg.view(-1), group_size=N).view(-1, N)
             wrong = c.view(-1) == 0
-            flat_texts = [t for g in texts for t in g]
+            flat_texts = [t for gr in all_texts for t in gr]
+            Pg = len(all_texts)
             stats = {
-                **rollout_stats(flat_texts, [x for g in answers for x in g]),
-                **group_reward_stats(r),
+                **rollout_stats(flat_texts, [x for gr in all_answers for x in gr]),
+                **group_reward_stats(rg),
                 "rollout/correct": float(c.mean()),
                 "rollout/pass_at_n": float((c.max(dim=1).values > 0).float().mean()),
-                "rollout/entropy": entropy,
-                "rollout/len_tokens": float(mask.sum(1).mean()),
-                "rollout/truncation_rate": sum(s.truncated for g in samples for s in g) / (P * N),
-                "rollout/reward_none_frac": n_none / (P * N),
-                "set/score": sum(sl["baseline"]) / P,
-                "set/score_full": sum(sl["full"]) / P,
-                "set/diversity": sum(sl["diversity"]) / P,
-                "set/answer_diversity": sum(sl["answer_diversity"]) / P,
-                "adv/reward_mean": float(a_reward.mean()), "adv/reward_std": float(a_reward.std(unbiased=False)),
+                "rollout/entropy": compute.sum(ent_sum) / max(n_tok, 1.0),
+                "rollout/len_tokens": n_tok / (Pg * N),
+                "rollout/truncation_rate": compute.sum(sum(s.truncated for gr in samples for s in gr)) / (Pg * N),
+                "rollout/reward_none_frac": compute.sum(n_none) / (Pg * N),
+                "set/score": sum(g(sl["baseline"])) / Pg,
+                "set/score_full": sum(g(sl["full"])) / Pg,
+                "set/diversity": sum(g(sl["diversity"])) / Pg,
+                "set/answer_diversity": sum(g(sl["answer_diversity"])) / Pg,
+                "adv/reward_mean": float(a_reward_all.mean()),
+                "adv/reward_std": float(a_reward_all.std(unbiased=False)),
                 "adv/set_raw_mean": float(raw.mean()), "adv/set_raw_std": float(raw.std(unbiased=False)),
                 "adv/set_mean": float(adv.mean()), "adv/set_std": float(adv.std(unbiased=False)),
                 "adv/set_min": float(adv.min()), "adv/set_max": float(adv.max()),
-                "adv/reward_abs_max": float(a_reward.abs().max()), "adv/set_abs_max": float(adv.abs().max()),
+                "adv/reward_abs_max": float(a_reward_all.abs().max()), "adv/set_abs_max": float(adv.abs().max()),
                 # wrong samples the set term pushes UP (novel answers in an otherwise repetitive set)
                 "adv/set_wrong_positive_frac": float((raw.view(-1)[wrong] > 1e-9).float().mean()) if wrong.any()
                 else 0.0,
                 "adv/frac_zero_set": float((raw.abs().amax(dim=1) <= 1e-9).float().mean()),
             }
             if kl_tok is not None:
-                stats["train/kl_token_mean"] = float((kl_tok * mask).sum() / mask.sum().clamp(min=1))
+                stats["train/kl_token_mean"] = compute.sum((kl_tok * mask).sum()) / max(n_tok, 1.0)
         return terms, stats
 
     if run.dry_run:
         ro = rollout(0)
         terms, stats = loss_terms(0, ro)
         audit = audit_terms(terms, params)
-        dist.print0(f"dry run: one rollout of {P} x {N} samples; loss terms:\n{audit.table()}\nnothing trained")
+        training.print0(f"dry run: one rollout of {P} x {N} samples; loss terms:\n{audit.table()}\nnothing trained")
         return {"dry_run": True, "trainable_params": trainable, "total_params": total,
-                "grad_terms": {k: t.grad_norm for k, t in audit.terms.items()}}
+                "grad_terms": {k: t.grad_norm for k, t in audit.terms.items()}, **compute.describe(),
+                "backend": sampler.name}
 
-    start, best = 0, {"value": -math.inf, "step": -1}
+    start, best = 0, training.Best(cfg.eval.select_on)
     if run.resume_from is not None:
         state = run.resume_from.restore(modules={"model": model}, optimizer=opt, scheduler=sched)
-        start, best = state["step"], state["best"]
-        dist.print0(f"resumed from {run.resume_from.path} at step {start}")
+        start, best = state["step"], training.Best.from_state(state, cfg.eval.select_on)
+        sampler.sync(model)
+        training.print0(f"resumed from {run.resume_from.path} at step {start}")
 
     def save(step: int, name: str | None = None):
         run.save_checkpoint(step, modules={"model": model}, optimizer=opt, scheduler=sched,
-                            state={"best": best}, name=name)
+                            state={"best": best.state()}, name=name)
 
     def validate(step: int) -> float:
         with run.phase("eval"):
-            s = evaluate_split(model, tok, task, val, cfg.data.val_split, cfg, f"val_step{step}", step, run)
+            s = evaluate_split(model, tok, task, val, cfg.data.val_split, cfg, f"val_step{step}", step, run,
+                               compute=compute, sampler=sampler)
         run.log(step, flat_metrics(s, f"eval/{task.name}"))
         m = s["metrics"]
         k = cfg.eval.samples
@@ -469,7 +461,7 @@ def main(cfg: Config, run: Run) -> dict:
         if f"pass@{k}" in m:
             line += (f", pass@{k} {m[f'pass@{k}']['value']:.3f}, distinct-2 {m['distinct_2']['value']:.3f}, "
                      f"self-BLEU {m['self_bleu']['value']:.3f}")
-        dist.print0(f"{line} (n={m['accuracy']['n']})")
+        training.print0(f"{line} (n={m['accuracy']['n']})")
         if cfg.eval.select_on == "last":
             return float(step)
         if cfg.eval.select_on not in m:
@@ -477,15 +469,9 @@ def main(cfg: Config, run: Run) -> dict:
                               f"one of {', '.join(sorted(m))}")
         return float(m[cfg.eval.select_on]["value"])
 
-    def consider(step: int, value: float):
-        nonlocal best
-        if value > best["value"]:
-            best = {"value": value, "step": step}
-            save(step, name="best")
-
     run.final_eval_scale = 1.0 + len(test) / max(1, len(val))
     if start == 0 and cfg.eval.every >= 0:
-        consider(0, validate(0))
+        best.offer(0, validate(0), save)
 
     # ---- train ---------------------------------------------------------------------------------------------------
     step = start
@@ -500,53 +486,53 @@ def main(cfg: Config, run: Run) -> dict:
         metrics = dict(stats)
         if cfg.watch.audit_every and step % cfg.watch.audit_every == 0:
             audit_due = True
+        # (a decision every process takes alike: the stats are global)
         if audit_due and (stats["adv/reward_abs_max"] > 0 or (polychromic and stats["adv/set_abs_max"] > 0)):
-            metrics.update(audit_terms(terms, params).metrics())
+            metrics.update({k: compute.mean(v) for k, v in audit_terms(terms, params).metrics().items()})
             audit_due = False
         loss = sum(w * l for w, l in terms.values() if w != 0)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
+        compute.backward(loss)
+        gnorm = compute.clip_grad_norm(params, cfg.train.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        sampler.sync(model)  # a vLLM engine samples the next rollout from the updated policy
         step += 1
         cpu = time.process_time() - c0
         cpu_total += cpu
-        metrics.update({"train/loss": float(loss.detach()), "train/grad_norm": float(gnorm),
+        metrics.update({"train/loss": compute.mean(loss.detach()), "train/grad_norm": gnorm,
                         "train/lr": sched.get_last_lr()[0], "time/step_s": time.perf_counter() - t0,
                         "time/gen_s": t_gen, "time/step_cpu_s": cpu,
-                        **{f"train/{k}": float(l.detach()) if torch.is_tensor(l) else float(l)
+                        **{f"train/{k}": compute.mean(l.detach()) if torch.is_tensor(l) else float(l)
                            for k, (w, l) in terms.items()}})
         if step % cfg.train.log_every == 0 or "grad/total_norm_audit" in metrics:
             run.log(step, metrics)
         if watcher.step(step, metrics):
             break
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-            consider(step, validate(step))
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+        if training.eval_due(cfg.eval.every, step, cfg.train.steps):
+            best.offer(step, validate(step), save)
+        if training.checkpoint_due(cfg.train, step):
             save(step)
 
     # ---- final: checkpoint, validation, test once on the best-on-validation checkpoint ---------------------------
-    save(step)
-    if run.stop_reason in ("SIGTERM", "SIGINT"):  # asked to leave: the checkpoint is what matters
-        return {"final_step": step, "stopped": run.stop_reason}
-    if best["step"] != step:
-        consider(step, validate(step))
-    from reasonlab.runs import open_checkpoint
+    def test_once(best_step: int) -> dict:
+        with run.phase("eval"):
+            s = evaluate_split(model, tok, task, test, cfg.data.test_split, cfg, f"test_best_step{best_step}", step,
+                               run, semantic=cfg.eval.semantic, compute=compute, sampler=sampler)
+        run.log(step, flat_metrics(s, f"test/{task.name}"))
+        return s
 
-    if best["step"] != step:
-        open_checkpoint(run.dir / "checkpoints" / "best").restore(modules={"model": model}, rng=False)
-    with run.phase("eval"):
-        s = evaluate_split(model, tok, task, test, cfg.data.test_split, cfg, f"test_best_step{best['step']}", step, run,
-                           semantic=cfg.eval.semantic)
-    run.log(step, flat_metrics(s, f"test/{task.name}"))
+    s = training.final_eval(run, step, best, modules={"model": model}, validate=validate, save=save, test=test_once,
+                            on_restore=lambda: sampler.sync(model))
+    if s is None:  # asked to leave: the checkpoint is what matters
+        return {"final_step": step, "stopped": run.stop_reason}
     m = s["metrics"]
     k = cfg.eval.samples
     keys = ["accuracy", f"pass@{k}", "distinct_2", "self_bleu", "semantic_diversity", "unique_answer_ratio"]
     result = {key: m[key] for key in keys if key in m}
-    dist.print0(f"test (checkpoint chosen on validation {cfg.eval.select_on}, step {best['step']}): " +
-                ", ".join(f"{key} {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={v['n']})"
-                          for key, v in result.items() if v.get("lo") is not None))
+    training.print0(f"test (checkpoint chosen on validation {cfg.eval.select_on}, step {best.step}): " +
+                    ", ".join(f"{key} {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={v['n']})"
+                              for key, v in result.items() if v.get("lo") is not None))
     # `reasonlab run` writes report.md once the run folder says how the run ended
-    return {"final_step": step, "best_step": best["step"], "best_val": best["value"], "select_on": cfg.eval.select_on,
-            "test": result, "train_cpu_s": round(cpu_total, 1)}
+    return {"final_step": step, "best_step": best.step, "best_val": best.value, "select_on": cfg.eval.select_on,
+            "test": result, "train_cpu_s": round(cpu_total, 1), "ranks": compute.gather(compute.rank)}

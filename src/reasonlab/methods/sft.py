@@ -6,9 +6,12 @@ What is implemented (and nothing more):
   batch (so the global loss is the mean of equal-sized per-process shards, and 2 processes match 1 exactly).
 - Order: a seeded permutation per epoch; the batch for step s is a pure function of (seed, s), so resuming at step s
   reproduces the uninterrupted run bit for bit.
-- Evaluation: greedy decoding scored by the task's own scorer (every extractor recorded), accuracy with a Wilson 95% CI.
-  Validation before training, every `eval.every` steps and at the end; the `best` checkpoint is chosen on validation;
-  test is evaluated once, at the end, on that checkpoint.
+- Compute (reasonlab.training): train.device / train.precision, DDP across the processes `accelerate launch` starts
+  (each takes an equal shard of every global batch), schedule constant | linear | cosine after warm-up.
+- Evaluation: greedy decoding (`eval.backend`: own loop | hf generate | vllm) scored by the task's own scorer (every
+  extractor recorded), accuracy with a Wilson 95% CI, the examples split over the processes. Validation before
+  training, every `eval.every` steps and at the end; the `best` checkpoint is chosen on validation; test is evaluated
+  once, at the end, on that checkpoint.
 - Run-folder contract: metrics, checkpoints (params="trainable": the LoRA adapter when r > 0), resume, --time-limit,
   SIGTERM, --dry-run (tiny stand-in model when the configured one is not available offline).
 
@@ -17,14 +20,14 @@ What is implemented (and nothing more):
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from reasonlab import dist
+from reasonlab import training
 from reasonlab.config import BaseConfig, EvalConfig, F, TrainConfig
+from reasonlab.eval.generate import Backend
 from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config
 from reasonlab.runs import Run, batch_indices
 
@@ -46,11 +49,7 @@ class SFTEval(EvalConfig):
     test_limit: int = F(0, "test examples in the final eval (0: all)")
     max_new_tokens: int = F(16, "greedy decoding budget per answer")
     batch_size: int = F(16, "prompts per generation batch")
-
-
-@dataclass
-class SFTTrain(TrainConfig):
-    schedule: str = F("constant", "learning-rate schedule after warm-up: constant | cosine")
+    backend: Backend = F("auto", "generation backend: auto (vllm on CUDA when installed, else own) | own | hf | vllm")
 
 
 @dataclass
@@ -58,7 +57,7 @@ class Config(BaseConfig):
     method: str = F("sft", "recipe name")
     model: ModelConfig = F(ModelConfig, "policy model")
     data: DataConfig = F(DataConfig, "task and prompt format")
-    train: SFTTrain = F(SFTTrain, "optimization")
+    train: TrainConfig = F(TrainConfig, "optimization and compute")
     eval: SFTEval = F(SFTEval, "evaluation")
 
 
@@ -101,107 +100,98 @@ def per_example_nll(model, input_ids, attn, labels) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_eval(model, tok, task, examples, cfg: Config, tag: str, step: int, run: Run) -> dict:
-    """Greedy answers for `examples`, scored by the task; writes evals/<tag>.jsonl/.json; returns the summary."""
-    from reasonlab.eval.metrics import accuracy, invalid_rate
+def greedy_eval(sampler, tok, task, examples, cfg: Config, tag: str, step: int, run: Run, compute) -> dict:
+    """Greedy answers for `examples` (split over the processes), scored by the task; writes evals/<tag>.jsonl/.json
+    (rank 0); returns the summary on every rank."""
+    from reasonlab.eval.generate import GenConfig
+    from reasonlab.eval.harness import eval_summary, sample_record
 
-    model.eval()
-    records = []
-    bs = cfg.eval.batch_size
-    for i in range(0, len(examples), bs):
-        chunk = examples[i:i + bs]
-        prompts = [render(tok, task.prompt(e, cfg.data.style), cfg.data.chat) for e in chunk]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)  # left-padded
-        out = model.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)  # (B,) new text only
-        for e, p, text in zip(chunk, prompts, texts):
-            s = task.score(text, e)
-            records.append({"id": e.id, "prompt": p, "output": text, "extracted": s.extracted, "gold": e.gold,
-                            "correct": s.correct, "valid": s.valid, "extractor": s.extractor,
-                            "extractions": s.extractions, "correct_by": s.correct_by})
-    model.train()
-    acc = accuracy(r["correct"] for r in records)
-    inv = invalid_rate(r["valid"] for r in records)
-    summary = {"tag": tag, "step": step, "task": task.name, "task_version": task.version, "n": len(records),
-               "metrics": {"acc": acc.to_dict(), "invalid_rate": inv.to_dict()}, "decoding": "greedy",
-               "max_new_tokens": cfg.eval.max_new_tokens, "style": cfg.data.style, "chat": cfg.data.chat}
+    gc = GenConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=False)
+
+    def answer(exs, offset):
+        prompts = [render(tok, task.prompt(e, cfg.data.style), cfg.data.chat) for e in exs]
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        with compute.autocast():
+            out = sampler.generate(ids, gc)
+        return [sample_record(task, e, g[0], prompt=p) for e, p, g in zip(exs, prompts, out)]
+
+    records = training.sharded(compute, examples, answer)
+    summary = eval_summary(records, task, tag=tag, step=step, decoding="greedy", backend=sampler.name,
+                           max_new_tokens=cfg.eval.max_new_tokens, style=cfg.data.style, chat=cfg.data.chat)
     run.write_eval(tag, records, summary)
     return summary
 
 
 def main(cfg: Config, run: Run) -> dict:
+    from reasonlab.eval.generate import make_sampler, resolve_backend
+    from reasonlab.eval.harness import eval_log
     from reasonlab.tasks import get_task
 
     # ---- setup ---------------------------------------------------------------------------------------------------
-    dist.seed_everything(cfg.seed)
+    compute = training.setup(cfg.train, run)
+    backend = resolve_backend(cfg.eval.backend, compute.device)  # a missing vLLM fails here, before any model loads
+    training.seed_everything(cfg.seed)
     task = get_task(cfg.data.task, **cfg.data.task_args)
     train = task.examples("train")
     train = train[: cfg.data.n_train] if cfg.data.n_train else train
     val = task.examples(cfg.data.val_split)
     val = val[: cfg.eval.limit] if cfg.eval.limit else val
+    test = task.examples(cfg.data.test_split)
+    test = test[: cfg.eval.test_limit] if cfg.eval.test_limit else test
     stand_in = run.dry_run and not is_available_offline(cfg.model.name)
-    model, tok = load_for_config(cfg.model, stand_in=stand_in)
+    model, tok = load_for_config(cfg.model, device=compute.device, stand_in=stand_in)
     model.train()
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-    def lr_factor(step: int) -> float:
-        if step < cfg.train.warmup_steps:
-            return (step + 1) / cfg.train.warmup_steps
-        if cfg.train.schedule == "cosine":
-            t = (step - cfg.train.warmup_steps) / max(1, cfg.train.steps - cfg.train.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        return 1.0
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_dist() else model
-    if cfg.train.batch_size % dist.world_size():
-        raise ValueError(f"train.batch_size {cfg.train.batch_size} must divide over {dist.world_size()} processes")
+    sched = training.lr_schedule(opt, cfg.train)
+    ddp, opt = compute.prepare(model, opt)  # `ddp` trains; `model` (the same weights) generates and is saved
+    sampler = make_sampler(backend, model, tok, device=compute.device,
+                           vllm=training.vllm_settings(cfg.model, cfg.seed))
 
     def batch_for(step: int):
-        idx = dist.shard(batch_indices(step, cfg.train.batch_size, len(train), cfg.seed))
+        idx = compute.shard(batch_indices(step, cfg.train.batch_size, len(train), cfg.seed))
         exs = [train[i] for i in idx]
         prompts = [render(tok, task.prompt(e, cfg.data.style), cfg.data.chat) for e in exs]
-        return collate(tok, prompts, [" " + e.gold for e in exs], cfg.data.max_len)
+        return compute.to(collate(tok, prompts, [" " + e.gold for e in exs], cfg.data.max_len))
 
-    dist.print0(f"model {cfg.model.name}{' (tiny stand-in)' if stand_in else ''}: {trainable:,} trainable / "
-                f"{total:,} parameters; task {task.name}: {len(train)} train, {len(val)} validation")
+    training.print0(f"model {cfg.model.name}{' (tiny stand-in)' if stand_in else ''}: {trainable:,} trainable / "
+                    f"{total:,} parameters; task {task.name}: {len(train)} train, {len(val)} validation; generation "
+                    f"backend {sampler.name}")
     if run.dry_run:
         ids, attn, lab = batch_for(0)
-        loss = per_example_nll(model, ids, attn, lab).mean()
-        dist.print0(f"dry run: one batch {tuple(ids.shape)} -> loss {loss.item():.4f}; optimizer AdamW over "
-                    f"{len(params)} tensors; nothing trained")
-        return {"dry_run": True, "trainable_params": trainable, "total_params": total}
+        with compute.autocast():
+            loss = per_example_nll(ddp, ids, attn, lab).mean()
+        training.print0(f"dry run: one batch {tuple(ids.shape)} -> loss {loss.item():.4f}; optimizer AdamW over "
+                        f"{len(params)} tensors; nothing trained")
+        return {"dry_run": True, "trainable_params": trainable, "total_params": total, **compute.describe(),
+                "backend": sampler.name}
 
-    start, best = 0, {"acc": -1.0, "step": -1}
+    start, best = 0, training.Best("accuracy")
     if run.resume_from is not None:
         state = run.resume_from.restore(modules={"model": model}, optimizer=opt, scheduler=sched)
-        start, best = state["step"], state["best"]
-        dist.print0(f"resumed from {run.resume_from.path} at step {start}")
+        start, best = state["step"], training.Best.from_state(state, "accuracy")
+        training.print0(f"resumed from {run.resume_from.path} at step {start}")
 
     def save(step: int, name: str | None = None):
         run.save_checkpoint(step, modules={"model": model}, optimizer=opt, scheduler=sched,
-                            state={"best": best}, name=name)
+                            state={"best": best.state()}, name=name)
+
+    def evaluate(examples, tag: str, step: int, prefix: str) -> dict:
+        with run.phase("eval"):
+            sampler.sync(model)
+            s = greedy_eval(sampler, tok, task, examples, cfg, tag, step, run, compute)
+        m = s["metrics"]["accuracy"]
+        run.log(step, eval_log(s, f"{prefix}/{task.name}"))
+        training.print0(f"step {step}: {tag} accuracy {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}] (n={m['n']})")
+        return s
 
     def validate(step: int) -> float:
-        with run.phase("eval"):
-            s = greedy_eval(model, tok, task, val, cfg, f"val_step{step}", step, run) if dist.is_main() else None
-        s = dist.gather_object(s)[0]
-        m = s["metrics"]["acc"]
-        run.log(step, {f"eval/{task.name}/acc": m["value"], f"eval/{task.name}/acc_lo": m["lo"],
-                       f"eval/{task.name}/acc_hi": m["hi"], f"eval/{task.name}/n": m["n"],
-                       f"eval/{task.name}/invalid_rate": s["metrics"]["invalid_rate"]["value"]})
-        dist.print0(f"step {step}: validation acc {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}] (n={m['n']})")
-        return m["value"]
+        return evaluate(val, f"val_step{step}", step, "eval")["metrics"]["accuracy"]["value"]
 
-    n_test = cfg.eval.test_limit or len(task.examples(cfg.data.test_split))
-    run.final_eval_scale = 1.0 + n_test / max(1, len(val))  # final = validation + test
+    run.final_eval_scale = 1.0 + len(test) / max(1, len(val))  # final = validation + test
     if start == 0 and cfg.eval.every >= 0:
-        acc0 = validate(0)
-        best = {"acc": acc0, "step": 0}
-        save(0, name="best")
+        best.offer(0, validate(0), save)
 
     # ---- train ---------------------------------------------------------------------------------------------------
     step = start
@@ -210,48 +200,31 @@ def main(cfg: Config, run: Run) -> dict:
         if run.should_stop(step):
             break
         ids, attn, lab = batch_for(step)
-        loss = per_example_nll(ddp, ids, attn, lab).mean()  # DDP averages the shard means = the global mean
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
+        with compute.autocast():
+            loss = per_example_nll(ddp, ids, attn, lab).mean()  # DDP averages the shard means = the global mean
+        compute.backward(loss)
+        gnorm = compute.clip_grad_norm(params, cfg.train.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         if step % cfg.train.log_every == 0:
             now = time.time()
-            run.log(step, {"train/loss": dist.all_reduce_mean(loss.detach()).item(), "train/grad_norm": gnorm.item(),
+            run.log(step, {"train/loss": compute.mean(loss.detach()), "train/grad_norm": gnorm,
                            "train/lr": sched.get_last_lr()[0], "time/step_s": (now - t_last) / cfg.train.log_every})
             t_last = now
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-            acc = validate(step)
-            if acc > best["acc"]:
-                best = {"acc": acc, "step": step}
-                save(step, name="best")
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+        if training.eval_due(cfg.eval.every, step, cfg.train.steps):
+            best.offer(step, validate(step), save)
+        if training.checkpoint_due(cfg.train, step):
             save(step)
 
     # ---- final: checkpoint, validation, test once on the best-on-validation checkpoint ---------------------------
-    save(step)
-    if run.stop_reason in ("SIGTERM", "SIGINT"):  # asked to leave: the checkpoint is what matters
-        return {"final_step": step, "stopped": run.stop_reason}
-    acc = validate(step)
-    if acc > best["acc"]:
-        best = {"acc": acc, "step": step}
-        save(step, name="best")
-    best_ck = run.dir / "checkpoints" / "best"
-    from reasonlab.runs import open_checkpoint
+    def test_once(best_step: int) -> dict:
+        return evaluate(test, f"test_best_step{best_step}", step, "test")["metrics"]["accuracy"]
 
-    if best["step"] != step and dist.is_main():
-        open_checkpoint(best_ck).restore(modules={"model": model}, rng=False)
-    test = task.examples(cfg.data.test_split)
-    test = test[: cfg.eval.test_limit] if cfg.eval.test_limit else test
-    with run.phase("eval"):
-        s = greedy_eval(model, tok, task, test, cfg, f"test_best_step{best['step']}", step, run) \
-            if dist.is_main() else None
-    s = dist.gather_object(s)[0]
-    m = s["metrics"]["acc"]
-    run.log(step, {f"test/{task.name}/acc": m["value"], f"test/{task.name}/acc_lo": m["lo"],
-                   f"test/{task.name}/acc_hi": m["hi"], f"test/{task.name}/n": m["n"]})
-    dist.print0(f"test (checkpoint chosen on validation, step {best['step']}): acc {m['value']:.3f} "
-                f"[{m['lo']:.3f}, {m['hi']:.3f}] (n={m['n']})")
-    return {"final_step": step, "best_step": best["step"], "best_val_acc": best["acc"], "test_acc": m}
+    m = training.final_eval(run, step, best, modules={"model": model}, validate=validate, save=save, test=test_once,
+                            on_restore=lambda: sampler.sync(model))
+    if m is None:  # asked to leave: the checkpoint is what matters
+        return {"final_step": step, "stopped": run.stop_reason}
+    return {"final_step": step, "best_step": best.step, "best_val_accuracy": best.value, "test_accuracy": m,
+            "ranks": compute.gather(compute.rank)}

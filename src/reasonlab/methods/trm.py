@@ -29,6 +29,11 @@ What is implemented (Jolicoeur-Martineau 2025, arXiv 2510.04871; models in reaso
   Watcher (events.jsonl), data/train_ids.txt (leakage detector), report.md at the end (written by `reasonlab run`).
   Run contract: checkpoints (params="all"), resume (the ACT carry restarts empty), --time-limit, SIGTERM, --dry-run
   (build, one ACT step, parameter counts, no training; grid data capped at 2 augmentations).
+- Compute (reasonlab.training): train.device / train.precision; under `accelerate launch` every process keeps the ACT
+  carry of its own contiguous slots of the global batch, DDP averages the dense gradients (TRM + encoder as one
+  module), and the sparse puzzle-embedding gradient is all-gathered (training.sync_sparse_grads); the halting
+  exploration draws and the sudoku relabelling are made for the global batch and sliced, so 2 processes train as 1.
+  Evaluation queries are split over the processes and voted on together.
 
     reasonlab run configs/trm/sudoku-cpu.yaml
 """
@@ -43,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from reasonlab import training
 from reasonlab.config import BaseConfig, EvalConfig, F, TrainConfig
 from reasonlab.diagnostics.watch import Watcher, WatchConfig, encoder_stats, record_train_ids
 from reasonlab.models.trm import TRM, SignSGD, TRMConfig, act_loss, act_loss_terms, grad_norm
@@ -93,15 +99,8 @@ class TRMTrain(TrainConfig):
     encoder_lr: float = F(1e-4, "lr of the ETRM encoder")
     puzzle_emb_lr: float = F(1e-2, "sign-SGD lr of the puzzle embedding (paper ARC: 1e-2)")
     puzzle_emb_weight_decay: float = F(0.1, "decoupled weight decay of the puzzle embedding")
-    schedule: str = F("constant", "after warm-up: constant | cosine (to min_lr_ratio)")
-    min_lr_ratio: float = F(0.0, "cosine schedule: final lr as a fraction of the peak")
     ema: float = F(0.0, "EMA decay of the weights used for evaluation (paper: 0.999; 0 = off)")
     threads: int = F(1, "torch CPU threads (1 is the most CPU-efficient on a shared machine)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"train.schedule must be constant | cosine, got {self.schedule!r}")
 
 
 @dataclass
@@ -186,7 +185,9 @@ def batch_rows(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
     return g.integers(0, n, size=batch_size)
 
 
-def train_batch(ds, step: int, cfg: Config, with_demos: bool) -> dict:
+def train_batch(ds, step: int, cfg: Config, with_demos: bool, rows: slice = slice(None)) -> dict:
+    """The step's global batch (a pure function of (seed, step), relabelled as a whole), then `rows` of it (a
+    process's contiguous slots)."""
     b = ds.batch(ds.train_idx[batch_rows(step, cfg.train.batch_size, len(ds.train_idx), cfg.seed)], with_demos)
     if cfg.data.relabel and ds.kind == "flat":
         from reasonlab.tasks.sudoku import relabel_digits
@@ -195,16 +196,35 @@ def train_batch(ds, step: int, cfg: Config, with_demos: bool) -> dict:
         inp, new = relabel_digits(b["inputs"].numpy(), np.where(lab < 0, 0, lab), ds.vocab_size - 2,
                                   np.random.default_rng([cfg.seed, step, 1]))
         b["inputs"], b["labels"] = torch.from_numpy(inp), torch.from_numpy(np.where(lab < 0, lab, new))
-    return b
+    return {k: v[rows] for k, v in b.items()}
+
+
+def halting_noise(step: int, cfg: Config, rows: slice = slice(None)) -> torch.Tensor:
+    """(B, 2) uniform draws of the halting exploration for the step's global batch (seed, step), then `rows`."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + 3)
+    return torch.rand(cfg.train.batch_size, 2, generator=g)[rows]
+
+
+class Conditioned(torch.nn.Module):
+    """The TRM and its ETRM encoder (None: puzzle ids) as one module, so one DDP wrapper synchronizes both."""
+
+    def __init__(self, trm, encoder=None):
+        super().__init__()
+        self.trm, self.encoder = trm, encoder
+
+    def forward(self, carry, batch, noise=None):
+        cond = self.encoder.conditioning if self.encoder is not None else None
+        return self.trm(carry, batch, conditioning=cond, noise=noise)
 
 
 # ----------------------------------------------------------------------------------------------------------- evaluate
 
 @torch.no_grad()
 def evaluate(model, ds, split: str, cfg: Config, conditioning, limit: int = 0,
-             shuffle_demos: bool = False) -> tuple[dict, list[dict], dict]:
+             shuffle_demos: bool = False, compute=None) -> tuple[dict, list[dict], dict]:
     """Run every query of `split` for halt_max_steps ACT steps, vote, score. -> (summary, records, ranked_by_task).
-    shuffle_demos (the ETRM control): every query reads the demonstrations of the next task in the split's order."""
+    shuffle_demos (the ETRM control): every query reads the demonstrations of the next task in the split's order.
+    With `compute`, the queries are split over its processes and every process votes on all of them."""
     from reasonlab.eval.metrics import accuracy, mean_metric
     from reasonlab.tasks.grids import Candidate, pass_at_k, task_credit, vote
 
@@ -226,28 +246,38 @@ def evaluate(model, ds, split: str, cfg: Config, conditioning, limit: int = 0,
         for q in keep:
             first.setdefault(es.task[q], q)
         donor = {t: first[order[(i + 1) % len(order)]] for i, t in enumerate(order)}  # task -> a query of the next
+    dev = next(model.parameters()).device
+
+    def run_queries(part: list[int], offset: int) -> list[tuple[bool, Candidate]]:
+        out_q = []
+        for s in range(0, len(part), cfg.eval.batch_size):
+            qs = part[s:s + cfg.eval.batch_size]
+            b = ds.batch(es.idx[qs], with_demos)
+            if shuffle_demos:
+                d = ds.batch(es.idx[[donor[es.task[q]] for q in qs]], True)
+                b.update({k: d[k] for k in ("demo_inputs", "demo_outputs", "demo_mask")})  # (B, K, L) x2, (B, K)
+            b = {k: v.to(dev) for k, v in b.items()}
+            carry = model.initial_carry(b)
+            with training.autocast_of(compute):
+                for _ in range(cfg.model.halt_max_steps):  # evaluation: every sample runs all steps
+                    carry, out = model(carry, b, conditioning=conditioning)
+            pred = out["logits"].argmax(-1)  # (B, L)
+            labels = b["labels"]
+            ok = ((pred == labels) | (labels == -100)).all(-1).cpu()  # (B,) exact in the augmented frame
+            pred, q_halt = pred.cpu(), out["q_halt_logits"].float().cpu()
+            for j, q in enumerate(qs):
+                out_q.append((bool(ok[j]), Candidate(ds.decode(pred[j].numpy(), es.aug[q]), float(q_halt[j]))))
+        return out_q
+
     cands: dict[tuple[str, int], list[Candidate]] = {}
     ident: dict[tuple[str, int], list[Candidate]] = {}  # the un-augmented view alone
     exact = []
-    for s in range(0, len(keep), cfg.eval.batch_size):
-        qs = keep[s:s + cfg.eval.batch_size]
-        b = ds.batch(es.idx[qs], with_demos)
-        if shuffle_demos:
-            d = ds.batch(es.idx[[donor[es.task[q]] for q in qs]], True)
-            b.update({k: d[k] for k in ("demo_inputs", "demo_outputs", "demo_mask")})  # (B, K, L) x2, (B, K)
-        carry = model.initial_carry(b)
-        for _ in range(cfg.model.halt_max_steps):  # evaluation: every sample runs all steps
-            carry, out = model(carry, b, conditioning=conditioning)
-        pred = out["logits"].argmax(-1)  # (B, L)
-        labels = b["labels"]
-        ok = ((pred == labels) | (labels == -100)).all(-1)  # (B,) exact in the augmented frame
-        for j, q in enumerate(qs):
-            exact.append(bool(ok[j]))
-            c = Candidate(ds.decode(pred[j].numpy(), es.aug[q]), float(out["q_halt_logits"][j]))
-            key = (es.task[q], es.out_index[q])
-            cands.setdefault(key, []).append(c)
-            if es.aug[q] is None or es.aug[q].is_identity:
-                ident.setdefault(key, []).append(c)
+    for q, (ok, c) in zip(keep, training.sharded(compute, keep, run_queries)):
+        exact.append(ok)
+        key = (es.task[q], es.out_index[q])
+        cands.setdefault(key, []).append(c)
+        if es.aug[q] is None or es.aug[q].is_identity:
+            ident.setdefault(key, []).append(c)
     if was_training:
         model.train()
 
@@ -310,9 +340,11 @@ def module_groups(model: TRM, encoder) -> dict[str, list]:
 
 def main(cfg: Config, run: Run) -> dict:
     # ---- setup ---------------------------------------------------------------------------------------------------
-    torch.set_num_threads(cfg.train.threads)
+    compute = training.setup(cfg.train, run)
     torch.manual_seed(cfg.seed)
     t_setup, cpu_setup = time.time(), time.process_time()
+    if cfg.train.batch_size % compute.world_size:
+        raise RunError(f"train.batch_size {cfg.train.batch_size} must divide over {compute.world_size} processes")
     task, ds = build_data(cfg, dry_run=run.dry_run)
     etrm = cfg.model.conditioning == "encoder"
     mcfg = dataclasses.replace(cfg.model, vocab_size=ds.vocab_size, seq_len=ds.seq_len,
@@ -327,7 +359,7 @@ def main(cfg: Config, run: Run) -> dict:
             loaded = load_decoder_weights(model, cfg.model.init_from)
             if enc_args.get("output_norm", 1.0) == 0:  # 0 = match the trained puzzle embedding's norm
                 enc_args["output_norm"] = loaded["puzzle_emb_norm"] or 1.0
-            print(f"trm: decoder from {cfg.model.init_from}: {loaded}")
+            training.print0(f"trm: decoder from {cfg.model.init_from}: {loaded}")
         else:
             open_checkpoint(cfg.model.init_from).restore(modules={"model": model}, rng=False)
     encoder = conditioning = None
@@ -345,6 +377,7 @@ def main(cfg: Config, run: Run) -> dict:
     counts = model.count_parameters()
     n_enc = sum(p.numel() for p in encoder.parameters()) if encoder is not None else 0
     record_train_ids(run, ds.train_ids or [])
+    net = Conditioned(model, encoder).to(compute.device)  # the module the training forward goes through
 
     # optimizers: AdamW for the net (+ encoder, its own lr), sign-SGD for the sparse puzzle embedding
     groups = module_groups(model, encoder)
@@ -358,46 +391,46 @@ def main(cfg: Config, run: Run) -> dict:
     emb_ps = [p for p in groups.get("puzzle_emb", []) if p.requires_grad]
     sign_opt = SignSGD(emb_ps, lr=cfg.train.puzzle_emb_lr, weight_decay=cfg.train.puzzle_emb_weight_decay) \
         if emb_ps else None
+    if emb_ps:  # the sparse table is synchronized by training.sync_sparse_grads, not by DDP
+        training.ddp_ignore(net, ["trm.puzzle_emb.weight"])
+    net = compute.prepare(net)
+    opt, sign_opt = (compute.prepare(o) if o is not None else None for o in (opt, sign_opt))
     optims = [o for o in (opt, sign_opt) if o is not None]
     base_lrs = [[g["lr"] for g in o.param_groups] for o in optims]
     ema = [p.detach().clone() for p in dense + enc_ps] if cfg.train.ema else None
 
-    def lr_factor(step: int) -> float:
-        if step < cfg.train.warmup_steps:
-            return (step + 1) / cfg.train.warmup_steps
-        if cfg.train.schedule == "cosine":
-            t = min(1.0, (step - cfg.train.warmup_steps) / max(1, cfg.train.steps - cfg.train.warmup_steps))
-            return cfg.train.min_lr_ratio + (1 - cfg.train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-        return 1.0
-
     modules = {"decoder": model, "encoder": encoder} if etrm else {"model": model}
     info = {k: v for k, v in ds.info.items() if k != "leakage"}
-    print(f"trm: task {cfg.data.task} ({info}); pool {len(ds.pid)} rows, {len(ds.train_idx)} training rows, "
-          f"{ds.num_puzzle_ids} puzzle ids; setup {time.time() - t_setup:.1f}s")
-    print(f"trm: parameters {counts['total_ex_puzzle_emb']:,} excluding the puzzle embedding (net "
-          f"{counts['net']:,}) + puzzle embedding {counts['puzzle_emb']:,}; encoder {n_enc:,}; trainable "
-          f"{sum(p.numel() for p in dense + enc_ps + emb_ps):,}{' (decoder frozen)' if frozen_ref else ''}")
+    training.print0(f"trm: task {cfg.data.task} ({info}); pool {len(ds.pid)} rows, {len(ds.train_idx)} training rows, "
+                    f"{ds.num_puzzle_ids} puzzle ids; setup {time.time() - t_setup:.1f}s")
+    training.print0(f"trm: parameters {counts['total_ex_puzzle_emb']:,} excluding the puzzle embedding (net "
+                    f"{counts['net']:,}) + puzzle embedding {counts['puzzle_emb']:,}; encoder {n_enc:,}; trainable "
+                    f"{sum(p.numel() for p in dense + enc_ps + emb_ps):,}{' (decoder frozen)' if frozen_ref else ''}")
     if ds.info.get("split_mode") == "transductive":
         run.event(0, "transductive", "evaluation tasks' demonstrations are in training (TRM protocol); only their "
                   "test inputs are held out", severity="info", tasks=ds.info.get("transductive_tasks"))
+    k_local = cfg.train.batch_size // compute.world_size
+    rows = slice(compute.rank * k_local, (compute.rank + 1) * k_local)  # this process's slots of every global batch
 
     if run.dry_run:
-        b = ds.batch(ds.train_idx[batch_rows(0, min(cfg.train.batch_size, 4), len(ds.train_idx), cfg.seed)], etrm)
+        b = compute.to(ds.batch(ds.train_idx[batch_rows(0, min(cfg.train.batch_size, 4), len(ds.train_idx),
+                                                        cfg.seed)], etrm))
         carry = model.initial_carry(b)
-        carry, out = model(carry, b, conditioning=conditioning)
-        loss, _ = act_loss(out, carry, trm_cfg)
-        print(f"dry run: one ACT step on a batch of {tuple(b['inputs'].shape)} -> loss {loss.item():.4f}; "
-              f"nothing trained{' (grid data built with at most 2 augmentations)' if ds.kind == 'grid' else ''}")
+        with compute.autocast():
+            carry, out = net(carry, b)
+            loss, _ = act_loss(out, carry, trm_cfg)
+        training.print0(f"dry run: one ACT step on a batch of {tuple(b['inputs'].shape)} -> loss {loss.item():.4f}; "
+                        f"nothing trained{' (grid data built with at most 2 augmentations)' if ds.kind == 'grid' else ''}")
         return {"dry_run": True, "params_ex_puzzle_emb": counts["total_ex_puzzle_emb"], "params": counts,
-                "encoder_params": n_enc}
+                "encoder_params": n_enc, **compute.describe()}
 
-    start, best = 0, {"value": -1.0, "step": -1}
+    start, best = 0, training.Best(cfg.eval.select)
     if run.resume_from is not None:
         state = run.resume_from.restore(modules=modules, optimizer=opt)
-        start, best = state["step"], state["best"]
+        start, best = state["step"], training.Best.from_state(state, cfg.eval.select)
         if ema is not None:  # the EMA is not checkpointed: it restarts from the resumed weights
             ema = [p.detach().clone() for p in dense + enc_ps]
-        print(f"resumed from {run.resume_from.path} at step {start} (ACT carry restarts empty)")
+        training.print0(f"resumed from {run.resume_from.path} at step {start} (ACT carry restarts empty)")
 
     def frozen_check(step: int) -> dict | None:
         """Per-parameter sha256 of the frozen decoder vs the weights loaded at setup; an error event on a change."""
@@ -411,41 +444,47 @@ def main(cfg: Config, run: Run) -> dict:
                       f"from the loaded checkpoint (e.g. {diff[0]})", severity="error", tensors=diff[:20])
         return res
 
-    def save(step: int, name: str | None = None):
-        state = {"best": best}
-        if frozen_ref is not None:
-            state |= {"frozen": ["decoder"], "frozen_check": frozen_check(step)}
-        run.save_checkpoint(step, modules=modules, optimizer=opt, state=state, params="all", name=name)
-
-    def swap_ema():  # exchange live and EMA weights (called twice around an eval)
+    def swap_ema():  # exchange live and EMA weights (called twice around an eval or the best checkpoint)
         if ema is not None:
             for p, e in zip(dense + enc_ps, ema):
                 tmp = p.detach().clone()
                 p.data.copy_(e)
                 e.copy_(tmp)
 
+    def save(step: int, name: str | None = None):
+        """step_N: the live weights (to resume); best: the evaluated weights (the EMA when there is one)."""
+        state = {"best": best.state(), "selected_on": cfg.data.val_split}
+        if frozen_ref is not None:
+            state |= {"frozen": ["decoder"], "frozen_check": frozen_check(step)}
+        if name == "best":
+            swap_ema()
+        try:
+            run.save_checkpoint(step, modules=modules, optimizer=opt, state=state, params="all", name=name)
+        finally:
+            if name == "best":
+                swap_ema()
+
     tname = cfg.data.task
 
-    def validate(step: int) -> None:
-        """Evaluate the (EMA) weights on validation; if they beat the best so far, save them as 'best'."""
-        nonlocal best
+    def validate(step: int) -> float:
+        """pass@k / exact of the (EMA) weights on validation; the value eval.select picks the checkpoint by."""
         with run.phase("eval"):
             swap_ema()
-            s, recs, _ = evaluate(model, ds, cfg.data.val_split, cfg, conditioning, cfg.eval.limit)
+            try:
+                s, recs, _ = evaluate(model, ds, cfg.data.val_split, cfg, conditioning, cfg.eval.limit,
+                                      compute=compute)
+            finally:
+                swap_ema()
             s.update(step=step, task=tname, tag=f"val_step{step}")
             run.write_eval(f"val_step{step}", recs, s)
-            m = s["metrics"]
-            value = m[cfg.eval.select]["value"] if cfg.eval.select in m else m["pass@1"]["value"]
-            if value > best["value"]:
-                best = {"value": value, "step": step, "metric": cfg.eval.select, "selected_on": cfg.data.val_split}
-                save(step, name="best")  # holds the evaluated (EMA) weights
-            swap_ema()
+        m = s["metrics"]
         run.log(step, {f"eval/{tname}/{k}": v["value"] for k, v in m.items() if k != "exact"} | {
             f"eval/{tname}/exact": m["exact"]["value"], f"eval/{tname}/exact_lo": m["exact"]["lo"],
             f"eval/{tname}/exact_hi": m["exact"]["hi"], f"eval/{tname}/n_tasks": s["n_tasks"]})
-        print(f"step {step}: {cfg.data.val_split} exact {m['exact']['value']:.3f} [{m['exact']['lo']:.3f}, "
-              f"{m['exact']['hi']:.3f}] (n={m['exact']['n']}), pass@1 {m['pass@1']['value']:.3f}, "
-              f"pass@2 {m.get('pass@2', m['pass@1'])['value']:.3f} over {s['n_tasks']} tasks", flush=True)
+        training.print0(f"step {step}: {cfg.data.val_split} exact {m['exact']['value']:.3f} [{m['exact']['lo']:.3f}, "
+                        f"{m['exact']['hi']:.3f}] (n={m['exact']['n']}), pass@1 {m['pass@1']['value']:.3f}, "
+                        f"pass@2 {m.get('pass@2', m['pass@1'])['value']:.3f} over {s['n_tasks']} tasks")
+        return m[cfg.eval.select]["value"] if cfg.eval.select in m else m["pass@1"]["value"]
 
     n_val_tasks = len(set(ds.evals[cfg.data.val_split].task))
     n_test_tasks = min(cfg.eval.test_limit or math.inf, len(set(ds.evals[cfg.data.test_split].task)))
@@ -457,7 +496,7 @@ def main(cfg: Config, run: Run) -> dict:
     setup_s, setup_cpu = time.time() - t_setup, time.process_time() - cpu_setup
 
     # ---- train ---------------------------------------------------------------------------------------------------
-    model.train()
+    net.train()
     carry, step, agg, t_last = None, start, {}, time.time()
     cpu0 = time.process_time()
     while step < cfg.train.steps:
@@ -465,40 +504,45 @@ def main(cfg: Config, run: Run) -> dict:
             break
         for o, lrs in zip(optims, base_lrs):
             for g, lr in zip(o.param_groups, lrs):
-                g["lr"] = lr * lr_factor(step)
-        b = train_batch(ds, step, cfg, etrm)
+                g["lr"] = lr * training.lr_factor(step, cfg.train)
+        b = compute.to(train_batch(ds, step, cfg, etrm, rows))
         if carry is None:
             carry = model.initial_carry(b)
-        carry, out = model(carry, b, conditioning=conditioning)
-        loss, met = act_loss(out, carry, trm_cfg)
+        with compute.autocast():
+            carry, out = net(carry, b, noise=halting_noise(step, cfg, rows))
+            loss, met = act_loss(out, carry, trm_cfg)
         step += 1
         if cfg.watch.audit_every and step % cfg.watch.audit_every == 0 and audit_ps:
             from reasonlab.rl.audit import audit_terms  # each weighted term's gradient alone: 0 = a dead term
 
-            agg |= audit_terms(act_loss_terms(out, carry, trm_cfg), audit_ps).metrics()
+            agg |= {k: compute.mean(v) for k, v in audit_terms(act_loss_terms(out, carry, trm_cfg), audit_ps)
+                    .metrics().items()}
         for o in optims:
             o.zero_grad(set_to_none=True)
-        loss.backward()
+        compute.backward(loss)
+        training.sync_sparse_grads(emb_ps, compute)
         for name, ps in groups.items():
             agg[f"grad/module/{name}"] = agg.get(f"grad/module/{name}", 0.0) + grad_norm(ps)
         if cfg.train.grad_clip and dense + enc_ps:
-            torch.nn.utils.clip_grad_norm_([p for p in dense + enc_ps if p.requires_grad], cfg.train.grad_clip)
+            compute.clip_grad_norm([p for p in dense + enc_ps if p.requires_grad], cfg.train.grad_clip)
         for o in optims:
             o.step()
         if ema is not None:
             with torch.no_grad():
                 for p, e in zip(dense + enc_ps, ema):
                     e.lerp_(p.detach(), 1 - cfg.train.ema)
-        for k in ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss"):
-            agg[k] = agg.get(k, 0.0) + float(met[k])
-        agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
+        for k in ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps"):  # sums over halted samples
+            agg[k] = agg.get(k, 0.0) + compute.sum(met[k])
+        for k in ("lm_loss", "q_halt_loss"):  # batch means
+            agg[k] = agg.get(k, 0.0) + compute.mean(met[k])
+        agg["loss"] = agg.get("loss", 0.0) + compute.mean(loss.detach())
         if step % cfg.train.log_every == 0:
             n, L, now = max(agg.pop("count"), 1.0), cfg.train.log_every, time.time()
             row = {"train/token_accuracy": agg.pop("accuracy") / n}
             row |= {f"train/{k}": agg.pop(k) / n for k in ("exact_accuracy", "q_halt_accuracy", "steps")}
             row |= {f"train/{k}": agg.pop(k) / L for k in ("loss", "lm_loss", "q_halt_loss")}
             row |= {k: v / L if k.startswith("grad/module/") else v for k, v in agg.items()}
-            row |= {"train/halted_per_step": n / L, "train/lr": base_lrs[0][0] * lr_factor(step - 1),
+            row |= {"train/halted_per_step": n / L, "train/lr": base_lrs[0][0] * training.lr_factor(step - 1, cfg.train),
                     "time/step_s": (now - t_last) / L, "time/examples_per_s": cfg.train.batch_size * L / (now - t_last),
                     "time/cpu_s": time.process_time() - cpu0, "time/setup_s": setup_s, "time/setup_cpu_s": setup_cpu}
             if encoder is not None:  # the prefix as the decoder sees it (x sqrt(hidden)), written tokens only
@@ -508,57 +552,63 @@ def main(cfg: Config, run: Run) -> dict:
             agg, t_last = {}, now
             watcher.step(step, row)
             if step % (cfg.train.log_every * 10) == 0:
-                print(f"step {step}: loss {row['train/loss']:.4f} token acc {row['train/token_accuracy']:.3f} exact "
-                      f"{row['train/exact_accuracy']:.3f} q-acc {row['train/q_halt_accuracy']:.3f} ACT steps "
-                      f"{row['train/steps']:.2f} ({row['time/step_s']:.3f}s/step, cpu {row['time/cpu_s']:.0f}s)",
-                      flush=True)
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-            validate(step)
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                training.print0(f"step {step}: loss {row['train/loss']:.4f} token acc {row['train/token_accuracy']:.3f} "
+                                f"exact {row['train/exact_accuracy']:.3f} q-acc {row['train/q_halt_accuracy']:.3f} ACT "
+                                f"steps {row['train/steps']:.2f} ({row['time/step_s']:.3f}s/step, cpu "
+                                f"{row['time/cpu_s']:.0f}s)")
+        if training.eval_due(cfg.eval.every, step, cfg.train.steps):
+            best.offer(step, validate(step), save)
+        if training.checkpoint_due(cfg.train, step):
             save(step)
 
     # ---- final: checkpoint, validation, test once on the best-on-validation checkpoint ---------------------------
     cpu_train = time.process_time() - cpu0
-    save(step)
-    if run.stop_reason in ("SIGTERM", "SIGINT"):
-        return {"final_step": step, "stopped": run.stop_reason}
-    validate(step)
-    open_checkpoint(run.dir / "checkpoints" / "best").restore(modules=modules, rng=False)
-    with run.phase("eval"):
-        s, recs, ranked = evaluate(model, ds, cfg.data.test_split, cfg, conditioning, cfg.eval.test_limit)
-        tag = f"test_best_step{best['step']}"
-        s.update(step=step, task=tname, tag=tag, final=True, best_step=best["step"], selected_on=cfg.data.val_split,
-                 leakage=ds.info.get("leakage"), cpu_train_s=round(cpu_train, 1))
-        run.write_eval(tag, recs, s)
-        if cfg.eval.submission and ds.kind == "grid" and run.is_main:
-            from reasonlab.tasks.grids import write_submission
+    out: dict = {}
 
-            write_submission(run.dir / "evals" / f"submission_{tag}.json", ranked)
-        ctrl = None
-        if control:
-            ctrl, crecs, _ = evaluate(model, ds, cfg.data.test_split, cfg, conditioning, cfg.eval.test_limit,
-                                      shuffle_demos=True)
-            ctrl.update(step=step, task=tname, tag=f"{tag}+control=shuffled_demos", final=True,
-                        control="shuffled_demos", base=tag,
-                        note="every task read the demonstrations of the next task in the split")
-            run.write_eval(ctrl["tag"], crecs, ctrl)
-        tr = None
-        if cfg.eval.train_limit and "train" in ds.evals:  # same weights, training tasks: the generalization gap
-            tr, trecs, _ = evaluate(model, ds, "train", cfg, conditioning, cfg.eval.train_limit)
-            tr.update(step=step, task=tname, tag=f"train_best_step{best['step']}", final=True)
-            run.write_eval(f"train_best_step{best['step']}", trecs, tr)
+    def test_once(best_step: int) -> dict:
+        with run.phase("eval"):
+            s, recs, ranked = evaluate(model, ds, cfg.data.test_split, cfg, conditioning, cfg.eval.test_limit,
+                                       compute=compute)
+            tag = f"test_best_step{best_step}"
+            s.update(step=step, task=tname, tag=tag, final=True, best_step=best_step, selected_on=cfg.data.val_split,
+                     leakage=ds.info.get("leakage"), cpu_train_s=round(cpu_train, 1))
+            run.write_eval(tag, recs, s)
+            if cfg.eval.submission and ds.kind == "grid" and run.is_main:
+                from reasonlab.tasks.grids import write_submission
+
+                write_submission(run.dir / "evals" / f"submission_{tag}.json", ranked)
+            if control:
+                ctrl, crecs, _ = evaluate(model, ds, cfg.data.test_split, cfg, conditioning, cfg.eval.test_limit,
+                                          shuffle_demos=True, compute=compute)
+                ctrl.update(step=step, task=tname, tag=f"{tag}+control=shuffled_demos", final=True,
+                            control="shuffled_demos", base=tag,
+                            note="every task read the demonstrations of the next task in the split")
+                run.write_eval(ctrl["tag"], crecs, ctrl)
+                out["ctrl"] = ctrl
+            if cfg.eval.train_limit and "train" in ds.evals:  # same weights, training tasks: the generalization gap
+                tr, trecs, _ = evaluate(model, ds, "train", cfg, conditioning, cfg.eval.train_limit, compute=compute)
+                tr.update(step=step, task=tname, tag=f"train_best_step{best_step}", final=True)
+                run.write_eval(f"train_best_step{best_step}", trecs, tr)
+                out["train"] = tr
+        return s
+
+    s = training.final_eval(run, step, best, modules=modules, validate=validate, save=save, test=test_once)
+    if s is None:
+        return {"final_step": step, "stopped": run.stop_reason}
+    ctrl, tr = out.get("ctrl"), out.get("train")
     m = s["metrics"]
     run.log(step, {f"test/{tname}/{k}": v["value"] for k, v in m.items()} | {
         f"test/{tname}/exact_lo": m["exact"]["lo"], f"test/{tname}/exact_hi": m["exact"]["hi"]})
     fmt = lambda x: f"{x['value']:.4f} [{x['lo']:.4f}, {x['hi']:.4f}] (n={x['n']})"  # noqa: E731
-    print(f"test {cfg.data.test_split} (checkpoint chosen on {cfg.data.val_split}, step {best['step']}): exact "
-          f"{fmt(m['exact'])}; pass@1 {fmt(m['pass@1'])}" + (f"; pass@2 {fmt(m['pass@2'])}" if "pass@2" in m else "")
-          + f" over {s['n_tasks']} tasks; train CPU {cpu_train:.0f}s")
+    training.print0(f"test {cfg.data.test_split} (checkpoint chosen on {cfg.data.val_split}, step {best.step}): exact "
+                    f"{fmt(m['exact'])}; pass@1 {fmt(m['pass@1'])}" +
+                    (f"; pass@2 {fmt(m['pass@2'])}" if "pass@2" in m else "") +
+                    f" over {s['n_tasks']} tasks; train CPU {cpu_train:.0f}s")
     if ctrl is not None:
-        print(f"control, shuffled demos (same checkpoint, same tasks): pass@1 {fmt(ctrl['metrics']['pass@1'])}")
+        training.print0(f"control, shuffled demos (same checkpoint, same tasks): pass@1 {fmt(ctrl['metrics']['pass@1'])}")
     if tr is not None:
-        print(f"train subset (same checkpoint): pass@1 {fmt(tr['metrics']['pass@1'])} over {tr['n_tasks']} tasks")
-    result = {"final_step": step, "best_step": best["step"], "best_val": best["value"], "test": m,
-              "train_subset": tr["metrics"] if tr else None,
-              "shuffled_demos": ctrl["metrics"] if ctrl else None, "cpu_train_s": cpu_train, "setup_cpu_s": setup_cpu}
-    return result  # `reasonlab run` writes report.md once the run folder says how the run ended
+        training.print0(f"train subset (same checkpoint): pass@1 {fmt(tr['metrics']['pass@1'])} over {tr['n_tasks']} "
+                        "tasks")
+    return {"final_step": step, "best_step": best.step, "best_val": best.value, "test": m,
+            "train_subset": tr["metrics"] if tr else None, "shuffled_demos": ctrl["metrics"] if ctrl else None,
+            "cpu_train_s": cpu_train, "setup_cpu_s": setup_cpu, "ranks": compute.gather(compute.rank)}

@@ -407,13 +407,14 @@ def answer_nll(logits: torch.Tensor, tgt: torch.Tensor, mask: torch.Tensor) -> t
 def kl_first_k(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, k: int,
                temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions at the first k answer positions (teacher-forced on the
-    gold answer), averaged over those positions. student/teacher (B, A, V), mask (B, A)."""
+    gold answer), averaged over each example's positions, then over the batch (so the mean of equal shards is the
+    batch's mean: data-parallel runs match one process). student/teacher (B, A, V), mask (B, A)."""
     k = min(k, student.shape[1])
     s = torch.log_softmax(student[:, :k] / temperature, -1)
     t = torch.log_softmax(teacher[:, :k].detach() / temperature, -1)
     kl = (t.exp() * (t - s)).sum(-1)  # (B, k)
     m = mask[:, :k].float()
-    return (kl * m).sum() / m.sum().clamp(min=1)
+    return ((kl * m).sum(1) / m.sum(1).clamp(min=1)).mean()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

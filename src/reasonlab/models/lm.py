@@ -44,10 +44,16 @@ class ModelConfig:
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter (r=0: full fine-tune)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    vllm_memory: float = field(default=0.3, metadata={"help": "vLLM backend: fraction of the GPU its engine may take "
+                                                      "(the rest is for training)"})
+    vllm_max_len: int = field(default=0, metadata={"help": "vLLM backend: the engine's max sequence length (0: the "
+                                                   "model's)"})
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not 0 < self.vllm_memory < 1 or self.vllm_max_len < 0:
+            raise ValueError("model.vllm_memory must be in (0, 1) and model.vllm_max_len >= 0")
 
 
 TINY = "tiny-random"  # a random 2-layer Llama with SmolLM2's tokenizer: tests and smoke runs

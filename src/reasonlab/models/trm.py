@@ -284,8 +284,11 @@ class TRM(nn.Module):
                      data={k: torch.zeros_like(v) for k, v in batch.items()})
 
     def forward(self, carry: Carry, batch: dict[str, torch.Tensor],
-                conditioning: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None) -> tuple[Carry, dict]:
-        """One ACT step: swap in new samples where the carry halted, reset their state, recurse, decide halting."""
+                conditioning: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+                noise: torch.Tensor | None = None) -> tuple[Carry, dict]:
+        """One ACT step: swap in new samples where the carry halted, reset their state, recurse, decide halting.
+        `noise` (B, 2) uniform in [0, 1): the halting-exploration draws of each slot (default: drawn here), so a
+        recipe can make them a function of the step and the slot's place in the global batch."""
         h = carry.halted
         y = torch.where(h.view(-1, 1, 1), self.y_init, carry.y)
         z = torch.where(h.view(-1, 1, 1), self.z_init, carry.z)
@@ -303,8 +306,10 @@ class TRM(nn.Module):
             halted = steps >= self.cfg.halt_max_steps
             if self.training and self.cfg.halt_max_steps > 1:
                 halted = halted | (q_logits[:, 0] > 0)
-                explore = torch.rand_like(q_logits[:, 0]) < self.cfg.halt_exploration_prob
-                min_steps = explore * torch.randint_like(steps, 2, self.cfg.halt_max_steps + 1)
+                u = torch.rand(steps.shape[0], 2, device=steps.device) if noise is None else noise.to(steps.device)
+                explore = u[:, 0] < self.cfg.halt_exploration_prob
+                # a minimum step count uniform over 2..halt_max_steps for the exploring samples
+                min_steps = explore * (2 + (u[:, 1] * (self.cfg.halt_max_steps - 1)).long())
                 halted = halted & (steps >= min_steps)
         out = {"logits": logits, "q_halt_logits": q_logits[:, 0], "q_continue_logits": q_logits[:, 1]}
         return Carry(y.detach(), z.detach(), steps, halted, data), out

@@ -12,7 +12,7 @@ import torch
 from reasonlab.config import from_dict, load_config
 from reasonlab.methods import bridge as M
 from reasonlab.models.bridge import (Bridge, DiTConfig, SourceConfig, TranslatorConfig, assemble, curriculum_text_prob,
-                                     derangement, embedding_rms, greedy_from_embeds, load_source)
+                                     derangement, embedding_rms, load_source)
 from reasonlab.models.lm import tiny_causal_lm
 from reasonlab.rl.audit import audit_terms
 from reasonlab.tasks import get_task
@@ -33,8 +33,8 @@ def ctx():
     for p in target.parameters():
         p.requires_grad_(False)
     bridge = Bridge(source.dim, target.get_input_embeddings().weight, cfg.translator, cfg.dit)
-    return {"cfg": cfg, "task": task, "source": source, "target": target, "bridge": bridge,
-            "prompter": M.Prompter(task, tok, cfg), "run": None}
+    return {"cfg": cfg, "task": task, "source": source, "target": target, "target_module": target, "bridge": bridge,
+            "bridge_module": bridge, "prompter": M.Prompter(task, tok, cfg), "run": None}
 
 
 @pytest.mark.parametrize("kind", ["resampler", "mlp"])
@@ -131,8 +131,8 @@ def test_every_loss_term_has_a_nonzero_audited_gradient_and_is_counted_once(ctx)
     assert info["p_text"] == 1.0  # curriculum_steps: 2 -> step 0 shows the text
 
 
-def test_greedy_from_embeds_matches_generate_from_ids(ctx):
-    from reasonlab.eval.generate import GenConfig, generate
+def test_generation_from_embeds_matches_generate_from_ids(ctx):
+    from reasonlab.eval.generate import GenConfig, generate, generate_from_embeds
 
     model, tok = ctx["target"], ctx["prompter"].tok
     prompts = ["Count: 1, 2, 3,", "Count: 40, 50, 60, 70, 80,", "Hello"]
@@ -141,8 +141,9 @@ def test_greedy_from_embeds_matches_generate_from_ids(ctx):
     from reasonlab.models.bridge import Row
 
     emb, attn, _ = assemble(model.get_input_embeddings(), [Row(i, None, [], [], []) for i in ids])
-    got = greedy_from_embeds(model, emb, attn, 6, {tok.eos_token_id})
-    assert got == [s[0].token_ids for s in ref]
+    got = generate_from_embeds(model, tok, emb, attn, GenConfig(max_new_tokens=6, progress=False))
+    assert [s.token_ids for s in got] == [s[0].token_ids for s in ref]
+    assert [s.finish for s in got] == [s[0].finish for s in ref]
 
 
 def test_encoder_source_minilm():
@@ -237,7 +238,7 @@ def test_ctc_alignment_rewards_soft_tokens_that_spell_the_question(ctx):
     cfg = dataclasses.replace(ctx["cfg"], translator=TranslatorConfig(kind="mlp", expand=2, hidden=32),
                               loss=dataclasses.replace(ctx["cfg"].loss, align_mode="ctc", dit=0.0))
     bridge = Bridge(ctx["source"].dim, E, cfg.translator, ctc_blank=True)
-    c = dict(ctx, cfg=cfg, bridge=bridge)
+    c = dict(ctx, cfg=cfg, bridge=bridge, bridge_module=bridge)
     terms, _ = M.loss_terms(c, exs, 5, torch.Generator().manual_seed(0))
     audit = audit_terms({k: terms[k] for k in ("nll", "align")}, list(bridge.parameters()))
     assert audit.terms["align"].grad_norm > 1e-6 and float(terms["align"][1].detach()) > 0

@@ -72,7 +72,7 @@ def test_every_method_field_has_a_help_line_and_shared_keys():
 
 
 def test_every_shipped_config_parses_and_round_trips(tmp_path):
-    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    configs = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "accelerate")
     assert configs, "no configs shipped"
     for path in configs:
         header = path.read_text().splitlines()[0]
@@ -97,3 +97,26 @@ def test_print_config_shows_help_lines(tiny_cfg):
     r = cli("run", str(tiny_cfg), "train.steps=3", "--print-config")
     assert "steps: 3  # optimizer steps to train" in r.stdout
     assert "lora:" in r.stdout
+
+
+def test_accelerate_configs_are_launch_files_with_their_command():
+    """configs/accelerate/*.yaml are `accelerate launch --config_file` files, not recipe configs: data parallel on one
+    machine, the recipe's train.precision in charge (mixed_precision 'no' here)."""
+    files = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert files
+    for path in files:
+        text = path.read_text()
+        assert text.startswith("# accelerate launch --config_file configs/accelerate/")
+        cfg = yaml.safe_load(text)
+        assert cfg["distributed_type"] == "MULTI_GPU" and cfg["mixed_precision"] == "no" and cfg["num_machines"] == 1
+
+
+def test_schedule_typo_fails_in_one_line_with_a_suggestion(tmp_path):
+    p = cli("run", "configs/sft/arithmetic-tiny.yaml", "train.schedule=cosin", "--out", str(tmp_path), check=False)
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(err) == 1, p.stderr
+    assert "train.schedule" in err[0] and "did you mean 'cosine'" in err[0]
+    assert not any(tmp_path.iterdir())  # nothing half-written
+    for bad, hint in (("train.device=cdua", "cuda"), ("train.precision=bf61", "bf16")):
+        with pytest.raises(ConfigError, match=f"did you mean '{hint}'"):
+            load_config(ROOT / "configs" / "sft" / "arithmetic-tiny.yaml", [bad])

@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from reasonlab.tasks.grids import (EOS, PAD, Augmentation, Candidate, augmentations, build_grid_dataset, decode_grid,
                                    dihedral, encode_grid, encode_label, pass_at_k, task_credit, vote, write_submission)
@@ -67,13 +68,48 @@ def test_encode_decode_round_trip_with_eos_border_and_translation():
 
 def test_vote_ranks_by_votes_then_mean_q_halt_and_drops_undecodable():
     a, b, c = np.array([[1]]), np.array([[2]]), np.array([[3, 3]])
-    cands = [Candidate(a, 5.0), Candidate(a, 3.0), Candidate(a, 1.0),       # 3 votes, mean q 3.0
-             Candidate(b, 4.0), Candidate(b, 4.5), Candidate(b, 3.5),       # 3 votes, mean q 4.0 -> first
+    cands = [Candidate(a, 5.0), Candidate(a, 3.0), Candidate(a, 1.0),       # 3 votes, mean sigmoid 0.892
+             Candidate(b, 4.0), Candidate(b, 4.5), Candidate(b, 3.5),       # 3 votes, mean sigmoid 0.981 -> first
              Candidate(c, 9.0), Candidate(None, 99.0)]                      # 1 vote; None is dropped
     ranked = vote(cands)
     assert [r.grid.tolist() for r in ranked] == [[[2]], [[1]], [[3, 3]]]
-    assert [r.votes for r in ranked] == [3, 3, 1] and ranked[0].confidence == pytest.approx(4.0)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    assert [r.votes for r in ranked] == [3, 3, 1]
+    assert ranked[0].confidence == pytest.approx(np.mean(sig(np.array([4.0, 4.5, 3.5]))))
     assert vote([Candidate(None, 1.0)]) == []
+
+
+def official_rank(cands: list) -> list:
+    """The official tie-break, transcribed from SamsungSAILMontreal/TinyRecursiveModels evaluators/arc.py (ARC.result):
+    per prediction hash [count, sum of float64 sigmoid(q_halt)] -> mean, sorted by [count, mean] descending."""
+    p_map: dict = {}
+    for grid, q in cands:
+        st = p_map.setdefault(grid, [0, 0])
+        st[0] += 1
+        st[1] += float(torch.tensor(q, dtype=torch.float64).sigmoid())
+    for st in p_map.values():
+        st[1] /= st[0]
+    return [h for h, _ in sorted(p_map.items(), key=lambda kv: kv[1], reverse=True)]
+
+
+def test_vote_tie_break_is_the_mean_sigmoid_of_q_halt_as_the_official_evaluator_not_the_mean_logit():
+    a, b = np.array([[1]]), np.array([[2]])
+    # equal votes; a's mean LOGIT is higher (4.5 > 2.0) but its mean PROBABILITY is lower (0.634 < 0.881)
+    cands = [Candidate(a, 10.0), Candidate(b, 2.0), Candidate(a, -1.0), Candidate(b, 2.0)]
+    ranked = vote(cands)
+    assert [r.grid.tolist() for r in ranked] == [[[2]], [[1]]]
+    assert ranked[0].confidence == pytest.approx(1 / (1 + np.exp(-2.0)))
+    assert ranked[1].confidence == pytest.approx((1 / (1 + np.exp(-10.0)) + 1 / (1 + np.exp(1.0))) / 2)
+    assert np.mean([10.0, -1.0]) > np.mean([2.0, 2.0])  # the raw-logit rule would have put a first
+    assert official_rank([(c.grid.tobytes(), c.q_halt) for c in cands]) == [b.tobytes(), a.tobytes()]
+    # random candidates: the same order as the transcribed official ranking, extreme logits included (no overflow)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        grids = [np.array([[int(g)]]) for g in rng.integers(0, 4, size=12)]
+        qs = rng.normal(0, 20, size=12)
+        mine = [r.grid.tobytes() for r in vote([Candidate(g, float(q)) for g, q in zip(grids, qs)])]
+        assert mine == official_rank([(g.tobytes(), float(q)) for g, q in zip(grids, qs)])
+    assert vote([Candidate(a, -1000.0), Candidate(b, 1000.0)])[0].confidence == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------- scoring

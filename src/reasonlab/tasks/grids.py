@@ -4,7 +4,7 @@
     grid = decode_grid(seq)                        # top-left rectangle of colours (None if empty)
     aug = Augmentation.random(rng)                 # dihedral (8) x colour permutation (0 kept fixed by default)
     aug.apply(g); aug.invert(aug.apply(g)) == g;   Augmentation.from_id(aug.id) == aug
-    ranked = vote([Candidate(grid, q_halt), ...])  # group equal grids; rank by votes, then mean Q-halt logit
+    ranked = vote([Candidate(grid, q_halt), ...])  # group equal grids; rank by votes, then mean sigmoid(Q-halt)
     pass_at_k(ranked_by_task, gold_by_task, ks)    # per-task credit = mean over its test outputs; / tasks EVALUATED
     write_submission(path, ranked_by_task)         # {"task": [{"attempt_1": grid, "attempt_2": grid}, ...]}
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,24 +163,37 @@ def grid_key(grid: np.ndarray | None) -> str:
 @dataclass
 class Candidate:
     grid: np.ndarray | None  # predicted grid, already inverted to the original frame
-    q_halt: float            # Q-halt logit of the prediction (confidence)
+    q_halt: float            # Q-halt LOGIT of the prediction (vote() turns it into a probability)
 
 
 @dataclass
 class Ranked:
     grid: np.ndarray
     votes: int
-    confidence: float  # mean Q-halt logit of the votes
+    confidence: float  # mean over the votes of sigmoid(Q-halt logit), in [0, 1]
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) in float64 without overflow (the official evaluator casts q_halt to float64 first)."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
 
 
 def vote(candidates: list[Candidate]) -> list[Ranked]:
-    """Group equal grids; rank by number of votes, ties broken by mean Q-halt logit. Undecodable predictions drop."""
+    """Group equal grids; rank by number of votes, ties broken by the mean of sigmoid(Q-halt logit) over a grid's
+    votes, as the official evaluator (SamsungSAILMontreal/TinyRecursiveModels evaluators/arc.py: `q_values =
+    q_halt_logits.to(float64).sigmoid()`, then sorted by [count, mean q] descending, a stable sort). The mean of the
+    sigmoid is not the sigmoid of the mean logit: one very confident vote counts at most 1, so [10, -1] (mean
+    probability 0.63) ranks below [2, 2] (0.88) although its mean logit is higher. Undecodable predictions drop."""
     groups: dict[str, list[Candidate]] = {}
     for c in candidates:
         if c.grid is not None:
             groups.setdefault(grid_key(c.grid), []).append(c)
-    ranked = [Ranked(g[0].grid, len(g), float(np.mean([c.q_halt for c in g]))) for g in groups.values()]
-    ranked.sort(key=lambda r: (r.votes, r.confidence), reverse=True)
+    ranked = [Ranked(g[0].grid, len(g), sum(sigmoid(float(c.q_halt)) for c in g) / len(g))
+              for g in groups.values()]
+    ranked.sort(key=lambda r: (r.votes, r.confidence), reverse=True)  # stable: equal keys keep arrival order
     return ranked
 
 

@@ -210,3 +210,83 @@ def test_recipe_two_steps_golden_loss_and_run_folder(tmp_path):
 
 
 GOLDEN_SUDOKU_LOSSES = [2.0109004974365234, 1.9562894105911255]
+
+
+# ------------------------------------------------------------------------------------ EMA checkpoints, eval.select last
+
+TINY = ROOT / "configs" / "trm" / "sudoku4-tiny.yaml"
+
+
+def _tiny_run(tmp_path, name, overrides, resume=False):
+    from reasonlab.config import load_config
+    from reasonlab.methods import trm
+    from reasonlab.runs import Run
+
+    cfg = load_config(TINY, ["tracking.tensorboard=false", *overrides])
+    run = Run(cfg, tmp_path / name, install_signals=False, resume=resume)
+    try:
+        res = trm.main(cfg, run)
+    finally:
+        run.close()
+    return res, tmp_path / name
+
+
+def _tensors(run_dir, ckpt, module):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoints" / ckpt / f"module.{module}.safetensors"))
+
+
+def test_ema_is_in_every_step_checkpoint_and_a_resumed_run_ends_with_the_uninterrupted_runs_ema(tmp_path):
+    # halt_max_steps 1: every sample halts after each step, so the ACT carry (not checkpointed) is empty at any step
+    # boundary and a resumed run computes exactly what the uninterrupted one does
+    common = ["train.ema=0.9", "model.halt_max_steps=1", "eval.every=0", "train.lr=0.01"]
+    _, straight = _tiny_run(tmp_path, "straight", common + ["train.steps=6"])
+    _, resumed = _tiny_run(tmp_path, "resumed", common + ["train.steps=3"])
+    mid_ema, mid_live = _tensors(resumed, "step_3", "ema"), _tensors(resumed, "step_3", "model")
+    assert mid_ema and all(k.startswith("trm/") for k in mid_ema)  # parameter names, "." -> "/"
+    assert "trm/puzzle_emb/weight" not in mid_ema  # the puzzle-id table is not averaged (as the official EMA)
+    # not vacuous: an EMA restarted from the step-3 weights would end 0.9^3 * (ema - live) away from this one
+    assert any(not torch.equal(v, mid_live[k[len("trm/"):].replace("/", ".")]) for k, v in mid_ema.items())
+    _tiny_run(tmp_path, "resumed", common + ["train.steps=6"], resume=True)
+    a, b = _tensors(straight, "step_6", "ema"), _tensors(resumed, "step_6", "ema")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = _tensors(straight, "step_6", "model"), _tensors(resumed, "step_6", "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # and the live weights, as before
+    # the evaluated ('best') weights are the EMA; they hold no second copy of it
+    best = _tensors(straight, "best", "model")
+    ema = _tensors(straight, "step_6", "ema")
+    assert all(torch.equal(best[k[len("trm/"):].replace("/", ".")], v) for k, v in ema.items())
+    assert not (straight / "checkpoints" / "best" / "module.ema.safetensors").exists()
+
+
+def test_select_last_without_a_validation_split_tests_the_final_weights_and_never_chooses(tmp_path):
+    res, d = _tiny_run(tmp_path, "last", ["eval.select=last", "data.val_split=", "train.ema=0.9", "train.steps=4",
+                                          "eval.every=2", "train.checkpoint_every=2"])
+    evals = sorted(p.name for p in (d / "evals").glob("*.json"))
+    assert evals == ["test_last_step4.json", "train_last_step4.json"]  # no validation eval at all
+    test = json.loads((d / "evals" / "test_last_step4.json").read_text())
+    assert test["final"] and test["best_step"] == 4 and test["selected_on"].startswith("last")
+    assert res["best_step"] == 4 and res["best_val"] is None
+    state = json.loads((d / "checkpoints" / "best" / "state.json").read_text())
+    assert state["step"] == 4 and "test" not in state["selected_on"]
+    best, ema = _tensors(d, "best", "model"), _tensors(d, "step_4", "ema")
+    assert all(torch.equal(best[k[len("trm/"):].replace("/", ".")], v) for k, v in ema.items())
+
+
+def test_select_last_with_a_validation_split_keeps_its_curve_but_not_its_choice(tmp_path):
+    res, d = _tiny_run(tmp_path, "lastval", ["eval.select=last", "train.steps=4", "eval.every=2"])
+    evals = sorted(p.name for p in (d / "evals").glob("*.json"))
+    assert evals == ["test_last_step4.json", "train_last_step4.json", "val_step2.json", "val_step4.json"]
+    assert res["best_step"] == 4
+
+
+def test_a_choice_without_validation_data_is_refused_at_load(tmp_path):
+    from reasonlab.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="eval.select: last"):
+        load_config(TINY, ["data.val_split=", "eval.select=pass@1"])
+    with pytest.raises(ConfigError, match="chosen on test"):
+        load_config(TINY, ["data.val_split=test"])
+    with pytest.raises(ConfigError, match="eval.select must be one of"):
+        load_config(TINY, ["eval.select=pass@2"])  # ks: [1]

@@ -18,17 +18,21 @@ What is implemented (Jolicoeur-Martineau 2025, arXiv 2510.04871; models in reaso
   re-checks the decoder's per-parameter sha256 against the loaded weights (frozen/decoder_matched, an error event on a
   mismatch), and `reasonlab verify-frozen CKPT_A CKPT_B --module decoder` compares two checkpoints.
 - Evaluation: every query (each test input under every augmentation) runs halt_max_steps ACT steps; predictions are
-  decoded, inverted, voted per (task, test output), ranked by votes then mean Q-halt logit. pass@k divides by the
-  tasks EVALUATED; a task's credit is averaged over its test outputs; pass@2 is the ARC 2-attempt score. Also
-  `exact` (per query, Wilson CI) and `identity_pass@1` (the un-augmented view alone, no voting). Validation every
-  eval.every steps picks the `best` checkpoint; the test split runs ONCE at the end, on that checkpoint, and so does
-  a train-subset eval (`eval.train_limit` tasks) for the train-vs-held-out gap. submission.json for grid tasks.
+  decoded, inverted, voted per (task, test output), ranked by votes then the mean sigmoid of the Q-halt logit (the
+  official evaluators/arc.py tie-break). pass@k divides by the tasks EVALUATED; a task's credit is averaged over its
+  test outputs; pass@2 is the ARC 2-attempt score. Also `exact` (per query, Wilson CI) and `identity_pass@1` (the
+  un-augmented view alone, no voting). Validation every eval.every steps picks the `best` checkpoint; the test split
+  runs ONCE at the end, on that checkpoint, and so does a train-subset eval (`eval.train_limit` tasks) for the
+  train-vs-held-out gap. `eval.select: last` makes no choice: the checkpoint is the final weights (a validation split,
+  if any, is still evaluated for its curve; `data.val_split: ""` means none, as the official ARC run, whose every
+  training pair trains). submission.json for grid tasks.
 - Logging: train/* (loss, lm_loss, q_halt_loss, token_accuracy, exact_accuracy, q_halt_accuracy, steps, lr),
   grad/module/{decoder,embeddings,puzzle_emb,heads,encoder} norms, grad/term/{lm,q_halt} (rl.audit, every
   watch.audit_every steps), encoder/* (watch.encoder_stats of the prefix the decoder sees), time/*, the online
   Watcher (events.jsonl), data/train_ids.txt (leakage detector), report.md at the end (written by `reasonlab run`).
-  Run contract: checkpoints (params="all"), resume (the ACT carry restarts empty), --time-limit, SIGTERM, --dry-run
-  (build, one ACT step, parameter counts, no training; grid data capped at 2 augmentations).
+  Run contract: checkpoints (params="all"; every step_N also holds the EMA as module.ema.safetensors, so a resumed
+  run continues the same average), resume (the ACT carry restarts empty), --time-limit, SIGTERM, --dry-run (build,
+  one ACT step, parameter counts, no training; grid data capped at 2 augmentations).
 - Compute (reasonlab.training): train.device / train.precision; under `accelerate launch` every process keeps the ACT
   carry of its own contiguous slots of the global batch, DDP averages the dense gradients (TRM + encoder as one
   module), and the sparse puzzle-embedding gradient is all-gathered (training.sync_sparse_grads); the halting
@@ -59,15 +63,16 @@ from reasonlab.runs import Run, RunError, open_checkpoint, tensor_sha256
 class DataConfig:
     task: str = F("sudoku", "sudoku | arc-agi-1 | arc-agi-2 | grid-rules")
     task_args: dict = F({}, "task constructor args, e.g. {size: 6, n_train: 20000} or {split_mode: heldout}")
-    n_aug: int = F(8, "grid tasks: augmented versions per task incl. identity (paper ARC: 1000)")
+    n_aug: int = F(8, "grid tasks: augmented versions per task incl. identity (official ARC: 1001 = identity + 1000)")
     dihedral: bool = F(True, "grid tasks: augmentations include the 8 dihedral transforms (false: colours only)")
     translate: bool = F(True, "grid tasks: random translation of training rows on the canvas")
     canvas: int = F(30, "grid tasks: side of the square canvas (ARC: 30); seq_len = canvas^2")
     max_demos: int = F(10, "grid tasks: demonstration pairs kept per puzzle id for the encoder")
     relabel: bool = F(False, "sudoku: rename digits of each training sample at random (splits are disjoint up to "
                              "renaming, so this never shows a test puzzle)")
-    val_split: str = F("val", "split for periodic evaluation and checkpoint choice")
-    test_split: str = F("test", "split evaluated once at the end, on the best-on-validation checkpoint")
+    val_split: str = F("val", "split for periodic evaluation and checkpoint choice (\"\": none; needs eval.select: "
+                              "last)")
+    test_split: str = F("test", "split evaluated once at the end, on the selected checkpoint")
 
 
 @dataclass
@@ -109,11 +114,17 @@ class TRMEval(EvalConfig):
     test_limit: int = F(0, "final test eval: the first N tasks (0: all)")
     train_limit: int = F(100, "final eval of N training tasks for the train vs held-out gap (0: skip)")
     ks: list = F([1, 2, 5, 10], "pass@k values reported")
-    select: str = F("pass@2", "validation metric that picks the best checkpoint (pass@1 | pass@2 | exact)")
+    select: str = F("pass@2", "validation metric that picks the best checkpoint (pass@K for K in ks | exact | "
+                              "identity_pass@1), or last: the final weights, no choice on any data")
     submission: bool = F(True, "grid tasks: write evals/submission_<tag>.json (ARC Prize format)")
     shuffled_demos: bool = F(True, "ETRM: also evaluate the test split with every task reading the NEXT task's "
                              "demonstrations (control '+control=shuffled_demos'; a model that reads its demos "
                              "should fall to ~0)")
+
+    def __post_init__(self):
+        allowed = ["last", "exact", "identity_pass@1"] + [f"pass@{int(k)}" for k in self.ks]
+        if self.select not in allowed:
+            raise ValueError(f"eval.select must be one of {' | '.join(allowed)}, got {self.select!r}")
 
 
 @dataclass
@@ -124,6 +135,14 @@ class Config(BaseConfig):
     train: TRMTrain = F(TRMTrain, "optimization")
     eval: TRMEval = F(TRMEval, "evaluation")
     watch: WatchConfig = F(WatchConfig, "online alerts (events.jsonl) and the gradient-audit schedule")
+
+    def __post_init__(self):
+        if not self.data.val_split and self.eval.select != "last":
+            raise ValueError(f"data.val_split is empty (no validation split) but eval.select is {self.eval.select!r}: "
+                             "a choice needs validation data; set eval.select: last (the final weights)")
+        if self.data.val_split and self.data.val_split == self.data.test_split:
+            raise ValueError(f"data.val_split and data.test_split are both {self.data.test_split!r}: the checkpoint "
+                             "would be chosen on test data")
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
@@ -144,7 +163,7 @@ def build_data(cfg: Config, dry_run: bool = False):
 
 
 def _build_data(cfg: Config, task, dry_run: bool):
-    splits = tuple(dict.fromkeys((cfg.data.val_split, cfg.data.test_split)))
+    splits = tuple(x for x in dict.fromkeys((cfg.data.val_split, cfg.data.test_split)) if x)  # "" = no val split
     if cfg.data.task == "sudoku":
         from reasonlab.tasks.arc_agi import LeakageError
         from reasonlab.tasks.sudoku import build_dataset
@@ -176,6 +195,9 @@ def _build_data(cfg: Config, task, dry_run: bool):
     ds.info.update(leakage=leak, split_mode=getattr(task, "split_mode", "heldout"),
                    transductive_tasks=len(demo_only))
     ds.task_meta = {t.id: t.meta for ts in evals.values() for t in ts}
+    if cfg.data.val_split and not evals[cfg.data.val_split]:
+        raise RunError(f"data.val_split {cfg.data.val_split!r} has no tasks (e.g. task_args n_val_tasks: 0): set "
+                       "data.val_split: '' and eval.select: last to train without a validation split")
     return task, ds
 
 
@@ -203,6 +225,46 @@ def halting_noise(step: int, cfg: Config, rows: slice = slice(None)) -> torch.Te
     """(B, 2) uniform draws of the halting exploration for the step's global batch (seed, step), then `rows`."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + 3)
     return torch.rand(cfg.train.batch_size, 2, generator=g)[rows]
+
+
+class EMA(torch.nn.Module):
+    """An exponential moving average of parameters, held as BUFFERS of this module, so that Run.save_checkpoint
+    writes it next to the weights (module.ema.safetensors) and Checkpoint.restore loads it back: a resumed run goes
+    on averaging where it stopped instead of restarting from the resumed weights.
+
+    After every optimizer step e <- decay * e + (1 - decay) * p, starting from the initial weights, over the dense
+    trainable parameters only (the puzzle-id table is not averaged): the official models/ema.py (EMAHelper.register
+    at setup, .update after every train batch, over named_parameters() — the official puzzle embedding is a buffer).
+    Buffer names are the parameter names with "." -> "/" (torch forbids "." in a buffer name)."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
+        super().__init__()
+        self.decay = float(decay)
+        self._params = [p for _, p in named_params]  # a plain list: not registered, not saved
+        for n, p in named_params:
+            self.register_buffer(n.replace(".", "/"), p.detach().clone())
+
+    def averages(self) -> list[torch.Tensor]:
+        return list(self.buffers())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for p, e in zip(self._params, self.averages()):
+            e.lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the live weights and the averages (twice = unchanged, bit for bit)."""
+        for p, e in zip(self._params, self.averages()):
+            tmp = p.detach().clone()
+            p.copy_(e)
+            e.copy_(tmp)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restart the average from the live weights (a checkpoint written before the EMA was checkpointed)."""
+        for p, e in zip(self._params, self.averages()):
+            e.copy_(p.detach())
 
 
 class Conditioned(torch.nn.Module):
@@ -303,14 +365,15 @@ def evaluate(model, ds, split: str, cfg: Config, conditioning, limit: int = 0,
             gold = np.asarray(es.gold[t][i])
             rec = {"id": f"{t}/{i}", "task": t, "test_index": i, "split": split, "gold": gold.tolist(),
                    "output": [r.grid.tolist() for r in rk[:2]], "votes": [r.votes for r in rk[:5]],
-                   "q_halt": [round(r.confidence, 4) for r in rk[:5]], "n_candidates": len(cands[(t, i)]),
+                   "q_halt_prob": [round(r.confidence, 4) for r in rk[:5]], "n_candidates": len(cands[(t, i)]),
                    "correct": bool(rk and np.array_equal(rk[0].grid, gold)),
                    "correct@2": any(np.array_equal(r.grid, gold) for r in rk[:2]), "extractor": "trm-argmax@1"}
             if "rule" in meta.get(t, {}):
                 rec["rule"] = meta[t]["rule"]
             records.append(rec)
     summary = {"split": split, "n_tasks": pk["n_tasks"], "n_queries": len(keep), "metrics": metrics,
-               "ranking": "votes, then mean Q-halt logit", "denominator": "tasks evaluated",
+               "ranking": "votes, then mean sigmoid(Q-halt logit) (official evaluators/arc.py)",
+               "denominator": "tasks evaluated",
                "split_mode": ds.info.get("split_mode"), "halt_max_steps": cfg.model.halt_max_steps}
     if ds.kind == "grid" and "pass@2" in metrics:
         summary["arc_score"] = "pass@2 (2 attempts per test output, a task's score averaged over its outputs)"
@@ -397,7 +460,8 @@ def main(cfg: Config, run: Run) -> dict:
     opt, sign_opt = (compute.prepare(o) if o is not None else None for o in (opt, sign_opt))
     optims = [o for o in (opt, sign_opt) if o is not None]
     base_lrs = [[g["lr"] for g in o.param_groups] for o in optims]
-    ema = [p.detach().clone() for p in dense + enc_ps] if cfg.train.ema else None
+    names = {id(p): n for n, p in compute.unwrap(net).named_parameters()}
+    ema = EMA([(names[id(p)], p) for p in dense + enc_ps], cfg.train.ema) if cfg.train.ema else None
 
     modules = {"decoder": model, "encoder": encoder} if etrm else {"model": model}
     info = {k: v for k, v in ds.info.items() if k != "leakage"}
@@ -424,13 +488,18 @@ def main(cfg: Config, run: Run) -> dict:
         return {"dry_run": True, "params_ex_puzzle_emb": counts["total_ex_puzzle_emb"], "params": counts,
                 "encoder_params": n_enc, **compute.describe()}
 
+    last = cfg.eval.select == "last"  # no choice: the final weights (training.Best offered the step number)
+    selected_on = "last: the final weights, no choice on any data" if last else cfg.data.val_split
     start, best = 0, training.Best(cfg.eval.select)
     if run.resume_from is not None:
-        state = run.resume_from.restore(modules=modules, optimizer=opt)
+        has_ema = ema is not None and (run.resume_from.path / "module.ema.safetensors").exists()
+        state = run.resume_from.restore(modules=modules | ({"ema": ema} if has_ema else {}), optimizer=opt)
         start, best = state["step"], training.Best.from_state(state, cfg.eval.select)
-        if ema is not None:  # the EMA is not checkpointed: it restarts from the resumed weights
-            ema = [p.detach().clone() for p in dense + enc_ps]
-        training.print0(f"resumed from {run.resume_from.path} at step {start} (ACT carry restarts empty)")
+        if ema is not None and not has_ema:  # a checkpoint from before the EMA was saved
+            ema.reset()
+            training.print0("the checkpoint holds no EMA: it restarts from the resumed weights")
+        training.print0(f"resumed from {run.resume_from.path} at step {start} (ACT carry restarts empty"
+                        f"{', EMA restored' if has_ema else ''})")
 
     def frozen_check(step: int) -> dict | None:
         """Per-parameter sha256 of the frozen decoder vs the weights loaded at setup; an error event on a change."""
@@ -446,20 +515,19 @@ def main(cfg: Config, run: Run) -> dict:
 
     def swap_ema():  # exchange live and EMA weights (called twice around an eval or the best checkpoint)
         if ema is not None:
-            for p, e in zip(dense + enc_ps, ema):
-                tmp = p.detach().clone()
-                p.data.copy_(e)
-                e.copy_(tmp)
+            ema.swap()
 
     def save(step: int, name: str | None = None):
-        """step_N: the live weights (to resume); best: the evaluated weights (the EMA when there is one)."""
-        state = {"best": best.state(), "selected_on": cfg.data.val_split}
+        """step_N: the live weights and the EMA (module.ema), to resume; best: the evaluated weights (the EMA when
+        there is one), the ones the test split is run on."""
+        state = {"best": best.state(), "selected_on": selected_on, "ema": cfg.train.ema}
         if frozen_ref is not None:
             state |= {"frozen": ["decoder"], "frozen_check": frozen_check(step)}
+        mods = modules | ({"ema": ema} if ema is not None and name is None else {})
         if name == "best":
             swap_ema()
         try:
-            run.save_checkpoint(step, modules=modules, optimizer=opt, state=state, params="all", name=name)
+            run.save_checkpoint(step, modules=mods, optimizer=opt, state=state, params="all", name=name)
         finally:
             if name == "best":
                 swap_ema()
@@ -467,7 +535,11 @@ def main(cfg: Config, run: Run) -> dict:
     tname = cfg.data.task
 
     def validate(step: int) -> float:
-        """pass@k / exact of the (EMA) weights on validation; the value eval.select picks the checkpoint by."""
+        """pass@k / exact of the (EMA) weights on validation; the value eval.select picks the checkpoint by. With
+        eval.select: last the value is the step itself, so training.Best keeps the latest weights offered (the final
+        ones at the end); without a validation split nothing is evaluated."""
+        if not cfg.data.val_split:
+            return float(step)
         with run.phase("eval"):
             swap_ema()
             try:
@@ -484,9 +556,11 @@ def main(cfg: Config, run: Run) -> dict:
         training.print0(f"step {step}: {cfg.data.val_split} exact {m['exact']['value']:.3f} [{m['exact']['lo']:.3f}, "
                         f"{m['exact']['hi']:.3f}] (n={m['exact']['n']}), pass@1 {m['pass@1']['value']:.3f}, "
                         f"pass@2 {m.get('pass@2', m['pass@1'])['value']:.3f} over {s['n_tasks']} tasks")
+        if last:
+            return float(step)
         return m[cfg.eval.select]["value"] if cfg.eval.select in m else m["pass@1"]["value"]
 
-    n_val_tasks = len(set(ds.evals[cfg.data.val_split].task))
+    n_val_tasks = len(set(ds.evals[cfg.data.val_split].task)) if cfg.data.val_split else 0
     n_test_tasks = min(cfg.eval.test_limit or math.inf, len(set(ds.evals[cfg.data.test_split].task)))
     # the shuffled-demos control needs a second task to borrow demonstrations from; it doubles the test eval
     control = encoder is not None and cfg.eval.shuffled_demos and n_test_tasks > 1
@@ -528,9 +602,7 @@ def main(cfg: Config, run: Run) -> dict:
         for o in optims:
             o.step()
         if ema is not None:
-            with torch.no_grad():
-                for p, e in zip(dense + enc_ps, ema):
-                    e.lerp_(p.detach(), 1 - cfg.train.ema)
+            ema.update()
         for k in ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps"):  # sums over halted samples
             agg[k] = agg.get(k, 0.0) + compute.sum(met[k])
         for k in ("lm_loss", "q_halt_loss"):  # batch means
@@ -561,7 +633,7 @@ def main(cfg: Config, run: Run) -> dict:
         if training.checkpoint_due(cfg.train, step):
             save(step)
 
-    # ---- final: checkpoint, validation, test once on the best-on-validation checkpoint ---------------------------
+    # ---- final: checkpoint, validation, test once on the best-on-validation (or the final, select last) weights ---
     cpu_train = time.process_time() - cpu0
     out: dict = {}
 
@@ -569,8 +641,8 @@ def main(cfg: Config, run: Run) -> dict:
         with run.phase("eval"):
             s, recs, ranked = evaluate(model, ds, cfg.data.test_split, cfg, conditioning, cfg.eval.test_limit,
                                        compute=compute)
-            tag = f"test_best_step{best_step}"
-            s.update(step=step, task=tname, tag=tag, final=True, best_step=best_step, selected_on=cfg.data.val_split,
+            tag = f"test_{'last' if last else 'best'}_step{best_step}"
+            s.update(step=step, task=tname, tag=tag, final=True, best_step=best_step, selected_on=selected_on,
                      leakage=ds.info.get("leakage"), cpu_train_s=round(cpu_train, 1))
             run.write_eval(tag, recs, s)
             if cfg.eval.submission and ds.kind == "grid" and run.is_main:
@@ -587,8 +659,9 @@ def main(cfg: Config, run: Run) -> dict:
                 out["ctrl"] = ctrl
             if cfg.eval.train_limit and "train" in ds.evals:  # same weights, training tasks: the generalization gap
                 tr, trecs, _ = evaluate(model, ds, "train", cfg, conditioning, cfg.eval.train_limit, compute=compute)
-                tr.update(step=step, task=tname, tag=f"train_best_step{best_step}", final=True)
-                run.write_eval(f"train_best_step{best_step}", trecs, tr)
+                ttag = f"train_{'last' if last else 'best'}_step{best_step}"
+                tr.update(step=step, task=tname, tag=ttag, final=True)
+                run.write_eval(ttag, trecs, tr)
                 out["train"] = tr
         return s
 
@@ -600,7 +673,8 @@ def main(cfg: Config, run: Run) -> dict:
     run.log(step, {f"test/{tname}/{k}": v["value"] for k, v in m.items()} | {
         f"test/{tname}/exact_lo": m["exact"]["lo"], f"test/{tname}/exact_hi": m["exact"]["hi"]})
     fmt = lambda x: f"{x['value']:.4f} [{x['lo']:.4f}, {x['hi']:.4f}] (n={x['n']})"  # noqa: E731
-    training.print0(f"test {cfg.data.test_split} (checkpoint chosen on {cfg.data.val_split}, step {best.step}): exact "
+    chosen = "the final weights (eval.select last)" if last else f"checkpoint chosen on {cfg.data.val_split}"
+    training.print0(f"test {cfg.data.test_split} ({chosen}, step {best.step}): exact "
                     f"{fmt(m['exact'])}; pass@1 {fmt(m['pass@1'])}" +
                     (f"; pass@2 {fmt(m['pass@2'])}" if "pass@2" in m else "") +
                     f" over {s['n_tasks']} tasks; train CPU {cpu_train:.0f}s")
@@ -609,6 +683,6 @@ def main(cfg: Config, run: Run) -> dict:
     if tr is not None:
         training.print0(f"train subset (same checkpoint): pass@1 {fmt(tr['metrics']['pass@1'])} over {tr['n_tasks']} "
                         "tasks")
-    return {"final_step": step, "best_step": best.step, "best_val": best.value, "test": m,
+    return {"final_step": step, "best_step": best.step, "best_val": None if last else best.value, "test": m,
             "train_subset": tr["metrics"] if tr else None, "shuffled_demos": ctrl["metrics"] if ctrl else None,
             "cpu_train_s": cpu_train, "setup_cpu_s": setup_cpu, "ranks": compute.gather(compute.rank)}

@@ -14,7 +14,8 @@ Split modes:
   heldout       evaluation tasks never enter training (no id, no pair); `val` = `n_val_tasks` training tasks held out
                 the same way. A puzzle-id TRM scores ~0 here by construction; an encoder (ETRM) reads the demos.
 In both modes `val` is carved from the training tasks (by a seeded hash, so it is stable across runs): transductive
-keeps their demos in training and holds out their test pairs, mirroring the test condition.
+keeps their demos in training and holds out their test pairs, mirroring the test condition. `n_val_tasks=0`: no
+validation split, every pair of every training task trains (the official TRM ARC run, configs/trm/arc1-paper.yaml).
 """
 
 from __future__ import annotations

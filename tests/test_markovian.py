@@ -125,6 +125,66 @@ def test_actor_reward_gradient_is_nonzero_and_matches_finite_differences():
     assert numeric.item() == pytest.approx(analytic.item(), rel=1e-3)
 
 
+def test_cot_log_probs_are_those_of_the_sampling_temperature_and_the_answer_is_at_t1():
+    """Every CoT log-prob that enters the policy gradient, the PPO ratio or the KL is log_softmax(logits / T) at the
+    rollout temperature, on both forward paths; the answer reward is ln pi(answer | CoT) at T = 1."""
+    for share in (True, False):
+        ctx = tiny_ctx("rl.temperature=0.7", f"rl.share_prefix={str(share).lower()}")
+        ro = one_rollout(ctx, n_questions=2)
+        rows = list(range(len(ro.exs)))
+        with torch.no_grad():
+            f = MK.forward_terms(ctx, ro, rows, actor_grad=False)
+            logits = ctx.model(input_ids=ro.cot_rows.ids, attention_mask=ro.cot_rows.attn,
+                               position_ids=(ro.cot_rows.attn.cumsum(-1) - 1).clamp(min=0)).logits
+            K = ctx.cfg.data.cot_tokens
+            want = torch.log_softmax(logits[:, -K - 1:-1].double() / 0.7, -1).gather(
+                -1, ro.cot_t[..., None]).squeeze(-1)  # (b, K): the last K tokens of every row are its CoT
+            torch.testing.assert_close(f["lp"], want.to(f["lp"].dtype), atol=1e-7, rtol=1e-6)
+            assert torch.allclose(f["logits"].double(), logits[:, -K - 1:-1].double() / 0.7, atol=1e-6)
+            R = M.segment_logprob(ctx.model, ro.ans_rows, 3, ctx.cfg.rl.answer_logprob)  # T = 1
+            torch.testing.assert_close(f["R"], R, atol=1e-7, rtol=1e-6)
+
+
+def test_the_summed_objective_is_the_default_and_its_gradient_matches_finite_differences():
+    ctx = tiny_ctx()
+    assert ctx.cfg.rl.agg == "seq_sum"
+    ro = one_rollout(ctx)
+    rows = list(range(len(ro.exs)))
+    params = trainable(ctx.model)
+
+    def loss(stats=None):
+        """The weighted loss; `stats` = the rollout's (mean, denom, A), held fixed as the update holds them."""
+        f = MK.forward_terms(ctx, ro, rows, actor_grad=True)
+        if stats is None:
+            rew = f["R"].detach() - ro.ref_logp
+            mean, denom = group_stats(rew, ctx.cfg.rl.group_size, min_std=ctx.cfg.rl.min_std)
+            stats = (mean, denom, (rew - mean) / denom)
+        mean, denom, adv = stats
+        terms, _ = MK.loss_terms(ctx, f, ro.ref_logp, mean, denom, adv)
+        # the pg term is -mean_i(A_i * sum_t ln pi(cot_it)): a sum over the CoT, not a per-token mean
+        torch.testing.assert_close(terms["pg"], -(adv.detach() * (f["lp"] * f["mask"]).sum(-1)).mean())
+        w = MK.weighted(ctx, terms)
+        return sum(wt * t for wt, t in w.values()), stats
+
+    total, stats = loss()
+    grads = torch.autograd.grad(total, params)
+    g = torch.Generator().manual_seed(0)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    analytic = sum((gr * d).sum() for gr, d in zip(grads, v))
+    eps = 1e-4
+    with torch.no_grad():
+        for p, d in zip(params, v):
+            p.add_(eps * d)
+        up = loss(stats)[0]
+        for p, d in zip(params, v):
+            p.sub_(2 * eps * d)
+        down = loss(stats)[0]
+        for p, d in zip(params, v):
+            p.add_(eps * d)
+    assert abs(analytic.item()) > 1e-4
+    assert ((up - down) / (2 * eps)).item() == pytest.approx(analytic.item(), rel=1e-3)
+
+
 def test_no_reward_grad_makes_the_actor_term_gradient_exactly_zero_and_the_audit_says_so():
     for grad_on in (True, False):
         ctx = tiny_ctx(f"rl.actor_reward_grad={str(grad_on).lower()}", dtype=torch.float32)
@@ -164,7 +224,8 @@ def test_ppo_ratio_is_exactly_one_at_the_first_minibatch_and_dual_clip_bounds_th
     adv = torch.tensor([-1.0, -2.0, -0.5, -1.5])
     terms, st = MK.loss_terms(ctx, f, ro.ref_logp[rows], mean, denom, adv, old["lp"] - 5.0)
     assert st["ppo/ratio_max"].item() > 100
-    assert terms["pg"].item() == pytest.approx(3.0 * adv.abs().mean().item(), rel=1e-5)  # seq_mean of c |A|
+    K = ctx.cfg.data.cot_tokens  # seq_sum: each CoT's K capped tokens add up
+    assert terms["pg"].item() == pytest.approx(3.0 * adv.abs().mean().item() * K, rel=1e-5)
 
 
 def test_ablations_non_markovian_prompt_and_expert_iteration_selection():
@@ -199,13 +260,14 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 
 # after steps 1 and 2 of configs/markovian/arithmetic-tiny.yaml (1 process, 1 thread). The actor-reward VALUE is ~0 by
 # construction (-mean of a centred advantage); its GRADIENT (the audit) is what moves the adapter. KL is exactly 0 at
-# step 1 (policy == reference before the first update).
-GOLDEN = {1: {"train/loss": 0.020137861, "train/pg_loss": 0.020137865, "train/actor_reward_loss": 0.0,
-              "train/kl_loss": 0.0, "grad/term/actor_reward": 60.450962, "grad/term/pg": 0.22193949,
+# step 1 (policy == reference before the first update). Re-measured when ln pi(CoT | q) became the paper's sum over
+# the K = 8 CoT tokens (rl.agg=seq_sum): the pg and kl terms are 8x the earlier per-token means.
+GOLDEN = {1: {"train/loss": 0.16110712, "train/pg_loss": 0.16110712, "train/actor_reward_loss": 0.0,
+              "train/kl_loss": 0.0, "grad/term/actor_reward": 60.450963, "grad/term/pg": 1.7755249,
               "train/answer_logp": -10.838052},
-          2: {"train/loss": 0.018156579, "train/pg_loss": 0.018154383, "train/actor_reward_loss": 0.0,
-              "train/kl_loss": 2.1888096e-05, "grad/term/actor_reward": 60.714649, "grad/term/pg": 0.19326593,
-              "train/answer_logp": -10.895238}}
+          2: {"train/loss": 0.14555585, "train/pg_loss": 0.14553833, "train/actor_reward_loss": 0.0,
+              "train/kl_loss": 0.00017516233, "grad/term/actor_reward": 60.656818, "grad/term/pg": 1.5433951,
+              "train/answer_logp": -10.895268}}
 
 
 @pytest.fixture(scope="module")

@@ -102,3 +102,35 @@ def test_dual_clip_bounds_the_loss_for_negative_advantages():
         assert l.item() <= 3.0 + 1e-6
     with pytest.raises(ValueError, match="dual_clip"):
         ppo_loss(logp, old, adv, mask, dual_clip=0.5)
+
+
+def test_k3_as_a_loss_has_the_gradient_of_the_reverse_kl():
+    """On tokens sampled from pi, E_pi[grad k3] = grad KL(ref || pi), not grad KL(pi || ref): exact expectations over a
+    small vocabulary (the sum over tokens weighted by pi replaces sampling)."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64), -1)
+    logp = torch.log_softmax(theta, -1)
+    pi = logp.exp().detach()
+    expected_k3 = (pi * kl_k3(logp, ref)).sum()  # E_pi[k3] with pi's weights held fixed: E_pi[grad k3]
+    grad_k3 = torch.autograd.grad(expected_k3, theta)[0]
+    reverse = (ref.exp() * (ref - torch.log_softmax(theta, -1))).sum()  # KL(ref || pi)
+    forward = (torch.log_softmax(theta, -1).exp() * (torch.log_softmax(theta, -1) - ref)).sum()  # KL(pi || ref)
+    g_rev = torch.autograd.grad(reverse, theta)[0]
+    g_fwd = torch.autograd.grad(forward, theta)[0]
+    torch.testing.assert_close(grad_k3, g_rev)
+    assert not torch.allclose(grad_k3, g_fwd, atol=1e-3)
+    # and its value is an unbiased estimate of KL(pi || ref)
+    assert float((pi * kl_k3(logp, ref)).sum()) == pytest.approx(float(forward), rel=1e-9)
+
+
+def test_token_logprobs_at_a_temperature_are_those_of_the_scaled_softmax(tiny):
+    model, _ = tiny
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].float()  # (T-1, V)
+    for T in (0.7, 1.5):
+        lp, lg = token_logprobs(model, ids, torch.ones_like(ids), return_logits=True, temperature=T)
+        want = torch.log_softmax(logits / T, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        torch.testing.assert_close(lp[0], want)
+        torch.testing.assert_close(lg[0], logits / T)

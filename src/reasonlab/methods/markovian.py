@@ -15,10 +15,16 @@ shared/ANCHORS.md, seed 003; pure pieces in reasonlab/rl/markovian.py and reason
   standardization; it matters for logging and for G = 1 (distinct questions, standardized over the global batch).
 - Advantage: A = (R - mean) / (max(std, rl.min_std) + eps) over the group, mean/std DETACHED (rl.policy.group_stats).
 - Loss (paper eq.): pg + actor_reward_weight * (-mean A) + kl_coef * KL(pi || pi_ref) on the CoT tokens, where pg is
-  REINFORCE -A.detach() * ln pi(CoT | q) and the -mean(A) term's gradient flows through ln pi(answer | CoT), i.e.
-  -mean(dR)/denom. The public code had this term identically zero (answer log-probs under no_grad, mean/std not
+  REINFORCE -A.detach() * ln pi(CoT | q), ln pi(CoT | q) the SUM over the K CoT tokens (rl.agg=seq_sum; seq_mean, a
+  per-token mean, divides the policy gradient by K against the actor-reward term), and the -mean(A) term's gradient
+  flows through ln pi(answer | CoT), i.e. -mean(dR)/denom. Temperatures: the CoT log-probs in the policy gradient,
+  the PPO ratio, the KL and the logged entropy are those of softmax(logits / T) with T = rl.temperature, the
+  distribution the CoTs were sampled from (the EOS mask of sampling aside: ln pi is over the whole vocabulary); the
+  answer log-prob R is at T = 1, the model's own likelihood of the answer, which the greedy answer decoding at
+  evaluation reads. KL: exact KL(pi_T || ref_T) over the vocabulary at every CoT position (rl.kl_estimator=exact),
+  summed over the CoT with rl.agg; k3 on the sampled tokens is an estimate of that value whose gradient as a loss is
+  that of KL(ref || pi). The public code had this term identically zero (answer log-probs under no_grad, mean/std not
   detached); rl.actor_reward_grad=false reproduces that on purpose (the no_reward_grad ablation: the audit shows 0).
-  KL is exact over the vocabulary (rl.kl_estimator=exact, paper) or k3 on the sampled tokens.
 - rl.loss=ppo: rl.ppo_epochs passes over the rollout in rl.minibatches minibatches of whole groups, one optimizer step
   each; ratio = pi / pi_old with pi_old = the policy THAT SAMPLED the rollout (log-probs recorded before any update, so
   the first minibatch has ratio exactly 1 — logged as ppo/ratio_first_mean), clipped, with dual-clip (Ye et al. 2020,
@@ -92,15 +98,18 @@ class DataConfig:
 class RLConfig:
     group_size: int = F(12, "G: CoTs per question (paper 'parallel': G = batch size); 1 = distinct questions, "
                         "standardized over the global batch")
-    temperature: float = F(1.0, "CoT sampling temperature (paper 1.0; wiki 1.5)")
+    temperature: float = F(1.0, "CoT sampling temperature T (paper 1.0; wiki 1.5); the CoT log-probs of the policy "
+                           "gradient, the PPO ratio and the KL are those of softmax(logits / T), the policy that "
+                           "sampled")
     top_p: float = F(1.0, "nucleus mass of CoT sampling (1.0 = off)")
     markovian: bool = F(True, "score the answer with the question redacted; false = the non_markovian ablation")
     actor_reward_weight: float = F(1.0, "weight of the -mean(A) term whose gradient flows through ln pi(answer|CoT)")
     actor_reward_grad: bool = F(True, "false = the no_reward_grad ablation: ln pi(answer|CoT) without gradient, so "
                                 "the actor-reward term contributes exactly 0 (the public code's behaviour)")
     kl_coef: float = F(0.1, "weight of KL(pi || pi_ref) on the CoT tokens (paper 0.1)")
-    kl_estimator: Literal["exact", "k3"] = F("exact", "exact (summed over the vocabulary, paper) | k3 (sampled "
-                                             "tokens)")
+    kl_estimator: Literal["exact", "k3"] = F("exact", "exact: KL(pi_T || ref_T) summed over the vocabulary at every "
+                                             "CoT position (the paper's) | k3: Schulman's estimator on the sampled "
+                                             "tokens, whose gradient as a loss is that of KL(ref || pi), the reverse")
     ref_cot: Literal["greedy", "sampled", "none"] = F("greedy", "CoT_ref of the baseline ln pi_ref(answer|CoT_ref): "
                                                       "greedy (cached per question) | sampled | none")
     answer_logprob: Literal["mean", "sum"] = F("mean", "mean | sum of the answer tokens' log-probs (public code: mean)")
@@ -108,7 +117,10 @@ class RLConfig:
                            "its G rows; false = every row carries a copy (same numbers up to rounding, more compute)")
     min_std: float = F(0.01, "floor of the group std in the advantage denominator (0 = none)")
     adv_eps: float = F(1e-6, "epsilon added to the advantage denominator")
-    agg: Literal["seq_mean", "seq_sum", "token_mean"] = F("seq_mean", "token aggregation of the pg/ppo/ei/kl terms")
+    agg: Literal["seq_sum", "seq_mean", "token_mean"] = F(
+        "seq_sum", "token aggregation of the pg/ppo/kl terms: seq_sum (the paper: ln pi(CoT | q) is the SUM over the K "
+        "CoT tokens, the REINFORCE estimate of the reward's gradient) | seq_mean (per-token mean: the policy gradient "
+        "shrinks by 1/K against the actor-reward term, which is a per-answer quantity) | token_mean")
     loss: Literal["pg", "ppo", "ei"] = F("pg", "pg (REINFORCE + actor reward) | ppo (clipped ratio vs the sampling "
                                          "policy) | ei (expert iteration)")
     ppo_epochs: int = F(1, "passes over one rollout batch (loss=ppo)")
@@ -281,10 +293,10 @@ def rollout(ctx: Ctx, step: int, slots: list[int], questions: list[Example], G: 
 
 
 def forward_terms(ctx: Ctx, ro: Rollout, rows: list[int], *, actor_grad: bool, with_ref: bool = True) -> dict:
-    """Policy forwards on rollout rows `rows` (whole groups): CoT token log-probs + logits (grad), answer reward R (grad
-    when actor_grad), and the reference's CoT log-probs/logits (no grad) for the KL. Shapes: lp/mask (b, K), logits
-    (b, K, V), R (b,). With rl.share_prefix a group's common prompt is run once (rl.policy.shared_prompt_logprobs)."""
-    rl, K = ctx.cfg.rl, ctx.cfg.data.cot_tokens
+    """Policy forwards on rollout rows `rows` (whole groups): CoT token log-probs + logits at the sampling temperature
+    (grad), answer reward R at T = 1 (grad when actor_grad), and the reference's CoT log-probs/logits at the same
+    temperature (no grad) for the KL. Shapes: lp/mask (b, K), logits (b, K, V) (divided by T), R (b,). With rl.share_prefix a group's common prompt is run once (rl.policy.shared_prompt_logprobs)."""
+    rl, K, T = ctx.cfg.rl, ctx.cfg.data.cot_tokens, ctx.cfg.rl.temperature
     act = actor_grad and torch.is_grad_enabled()
     out: dict[str, list] = {"lp": [], "logits": [], "R": [], "ref_lp": [], "ref_logits": []}
     if rl.share_prefix and ro.G > 1:
@@ -293,7 +305,7 @@ def forward_terms(ctx: Ctx, ro: Rollout, rows: list[int], *, actor_grad: bool, w
             g = rows[start:start + ro.G]
             e, cots = ro.exs[g[0]], ro.cot_t[g]  # (G, K)
             q = ctx.question_ids(e)
-            lp, _, logits = shared_prompt_logprobs(ctx.policy, q, cots, return_logits=True)  # (G, K) x2, (G, K, V)
+            lp, _, logits = shared_prompt_logprobs(ctx.policy, q, cots, return_logits=True, temperature=T)  # (G, K), (G, K, V)
             ans = torch.tensor(ctx.ids(" " + e.gold), device=ctx.device)
             suffix = torch.cat([cots, sep.expand(len(g), -1), ans.expand(len(g), -1)], dim=1)  # (G, K + |sep| + |ans|)
             with torch.set_grad_enabled(act):
@@ -304,20 +316,20 @@ def forward_terms(ctx: Ctx, ro: Rollout, rows: list[int], *, actor_grad: bool, w
             out["logits"].append(logits)
             if with_ref:
                 with torch.no_grad(), reference(ctx.model):
-                    rlp, _, rlogits = shared_prompt_logprobs(ctx.model, q, cots, return_logits=True)
+                    rlp, _, rlogits = shared_prompt_logprobs(ctx.model, q, cots, return_logits=True, temperature=T)
                 out["ref_lp"].append(rlp)
                 out["ref_logits"].append(rlogits)
         res = {k: torch.cat(v) for k, v in out.items() if v}
         res["mask"] = torch.ones(res["lp"].shape, device=ctx.device)  # (b, K) float32 as pack_rows masks: K tokens each
         return res
     cr, ar = ro.cot_rows.select(rows), ro.ans_rows.select(rows)
-    _, lp, logits, mask = M.segment_logprob(ctx.policy, cr, 1, return_tokens=True)  # (b, K), (b, K, V), (b, K)
+    _, lp, logits, mask = M.segment_logprob(ctx.policy, cr, 1, return_tokens=True, temperature=T)  # (b, K), (b, K, V)
     with torch.set_grad_enabled(act):
         R = M.segment_logprob(ctx.policy, ar, 3, rl.answer_logprob)  # (b,)
     res = {"lp": lp, "logits": logits, "mask": mask, "R": R}
     if with_ref:
         with torch.no_grad(), reference(ctx.model):
-            _, ref_lp, ref_logits, _ = M.segment_logprob(ctx.model, cr, 1, return_tokens=True)
+            _, ref_lp, ref_logits, _ = M.segment_logprob(ctx.model, cr, 1, return_tokens=True, temperature=T)
         res.update(ref_lp=ref_lp, ref_logits=ref_logits)
     return res
 

@@ -81,16 +81,19 @@ def segment_span(rows: Rows, segment: int) -> int:
     return rows.seg_mask[segment].shape[1] - int(cols.min())
 
 
-def segment_logprob(model, rows: Rows, segment: int, agg: str = "mean", return_tokens: bool = False):
+def segment_logprob(model, rows: Rows, segment: int, agg: str = "mean", return_tokens: bool = False,
+                    temperature: float = 1.0):
     """ln pi(segment tokens | everything before them) per row: (B,), by `agg` = "mean" (per-token average, as the public
     Markovian code scores answers) or "sum" (the sequence log-likelihood). Only the trailing positions that hold the
     segment are scored (logits_to_keep), so a long prompt costs no (T, V) logits. With return_tokens, also the per-token
-    log-probs (B, n), float logits (B, n, V) and the segment mask (B, n) of those n trailing positions. Gradient flows
-    when the caller has grad enabled."""
+    log-probs (B, n), float logits (B, n, V) and the segment mask (B, n) of those n trailing positions. `temperature`:
+    log-probs of softmax(logits / T) (a CoT sampled at T); the answer reward is scored at T = 1. Gradient flows when
+    the caller has grad enabled."""
     if agg not in ("mean", "sum"):
         raise ValueError(f"answer log-prob aggregation must be 'mean' or 'sum', got {agg!r}")
     n = segment_span(rows, segment)
-    lp, logits = token_logprobs(model, rows.ids, rows.attn, return_logits=True, last=n)  # (B, n), (B, n, V)
+    lp, logits = token_logprobs(model, rows.ids, rows.attn, return_logits=True, last=n,
+                                temperature=temperature)  # (B, n), (B, n, V)
     m = rows.seg_mask[segment][:, -n:]  # (B, n)
     total = (lp * m).sum(-1)  # (B,)
     out = total / m.sum(-1).clamp(min=1.0) if agg == "mean" else total

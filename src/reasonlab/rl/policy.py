@@ -24,8 +24,10 @@ AGGREGATIONS = ("seq_mean", "token_mean", "seq_sum")
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                   return_logits: bool = False, position_ids: torch.Tensor | None = None, last: int | None = None):
-    """Log-prob of each next token under `model`. Returns (B, T-1) [and the (B, T-1, V) float32 logits].
+                   return_logits: bool = False, position_ids: torch.Tensor | None = None, last: int | None = None,
+                   temperature: float = 1.0):
+    """Log-prob of each next token under `model` at `temperature` (log_softmax(logits / T): the distribution tokens
+    sampled at T were drawn from). Returns (B, T-1) [and the (B, T-1, V) float32 logits, divided by T].
 
     Position t of the result scores input_ids[:, t+1] given input_ids[:, :t+1]. Left padding is fine when the
     attention mask marks it; positions are derived from the mask so padded rows match unpadded ones.
@@ -45,6 +47,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         logits = _upcast(out.logits[:, :-1])  # (B, T-1, V)
         targets = input_ids[:, 1:]  # (B, T-1)
+    if temperature != 1.0:
+        logits = logits / temperature
     lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1) or (B, last)
     return (lp, logits) if return_logits else lp
 
@@ -69,7 +73,11 @@ def kl_exact(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(pi || ref) on tokens sampled from pi: exp(d) - d - 1 with d = ref - pi.
-    Non-negative, unbiased; (...) -> (...)."""
+    Non-negative, unbiased as an estimate of the VALUE of KL(pi || ref); (...) -> (...).
+
+    Its gradient as a loss is not that of KL(pi || ref): on tokens sampled from pi, E_pi[d/dtheta k3] =
+    E_pi[(1 - ref/pi) dlog pi] = -sum_x ref(x) dlog pi(x) = d/dtheta KL(ref || pi), the reverse direction
+    (tests/test_rl_policy.py checks this against the exact gradients). Use kl_exact for KL(pi || ref) itself."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1.0
 
@@ -122,14 +130,15 @@ def group_standardize(rewards: torch.Tensor, group_size: int | None = None, eps:
 
 
 def shared_prompt_logprobs(model, prompt: list[int], completions, *, pad_id: int = 0, score_from: int = 0,
-                           return_logits: bool = False):
+                           return_logits: bool = False, temperature: float = 1.0):
     """log pi of each of N completions of ONE prompt, running the prompt once and sharing its keys/values.
 
     completions: N lists of token ids (any lengths; right-padded with pad_id) or an (N, S) tensor. Returns lp
     (N, S - score_from), mask (N, S - score_from) (1.0 on real tokens) [and float logits (N, S - score_from, V)], S =
     the longest completion; column j scores completion token score_from + j given the prompt and the tokens before it.
     `score_from` skips a common head whose log-probs are not needed (the Markovian answer after its CoT): those
-    positions produce no (T, V) logits. The prompt's cache is repeated across the group with a differentiable
+    positions produce no (T, V) logits. `temperature`: log-probs (and the returned logits) of the distribution
+    softmax(logits / T) that tokens sampled at T came from. The prompt's cache is repeated across the group with a differentiable
     repeat_interleave, so gradients reach the prompt's activations from all N rows exactly as in a padded batch of N
     full rows (tested against token_logprobs), for Tp + N*S positions instead of N*(Tp + S).
     """
@@ -170,6 +179,8 @@ def shared_prompt_logprobs(model, prompt: list[int], completions, *, pad_id: int
                           logits_to_keep=keep).logits  # (N, keep, V)
         parts.append(_upcast(rest[:, -keep:]))
     logits = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (N, S - score_from, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     tgt = targets[:, score_from:]  # (N, S - score_from)
     lp = torch.log_softmax(logits, dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (N, S - score_from)
     cols = torch.arange(score_from, S, device=dev)[None]  # (1, S - score_from)

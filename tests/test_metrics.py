@@ -96,3 +96,69 @@ def test_paired_bootstrap(tmp_path):
     assert d.n == 20 and d.mean_a == 0.5 and d.diff == pytest.approx(0.5)
     with pytest.raises(ValueError, match="share no example ids"):
         M.paired_bootstrap({"x": 1.0}, {"y": 1.0})
+
+
+# ----------------------------------------------------------------------------- intervals that cannot collapse
+
+@pytest.mark.parametrize("c,n", [(0, 20), (20, 20), (5, 20), (1, 200), (150, 200)])
+def test_bounded_bootstrap_is_jeffreys_on_01_units(c, n):
+    """On 0/1 units the bounded Bayesian bootstrap is the Jeffreys interval Beta(c + 1/2, n - c + 1/2), with the
+    lower end 0 at c = 0 and the upper end 1 at c = n: never of zero width."""
+    from scipy.stats import beta
+
+    m = M.mean_metric([1.0] * c + [0.0] * (n - c), n_boot=40_000)
+    lo, hi = beta.ppf([0.025, 0.975], c + 0.5, n - c + 0.5)
+    assert m.method == "bootstrap" and m.n == n and m.value == c / n
+    assert m.lo == pytest.approx(0.0 if c == 0 else lo, abs=0.006)
+    assert m.hi == pytest.approx(1.0 if c == n else hi, abs=0.006)
+    assert m.hi - m.lo > 0.01
+
+
+def test_several_samples_all_wrong_or_all_right_are_not_certain():
+    """Issue 17, point 4: `reasonlab eval --limit 20 --samples 2` with every sample wrong reported [0.0, 0.0]."""
+    from reasonlab.eval import harness as H
+
+    def recs(correct):
+        return [{"id": f"q{i}", "sample": s, "output": "#### 3", "extracted": "3", "gold": "7", "correct": correct,
+                 "valid": True, "extractor": "x@1", "finish": "eos", "new_tokens": 3,
+                 "correct_by": {"strict-match@1": correct}} for i in range(20) for s in range(2)]
+
+    for correct, (lo, hi) in ((False, (0.0, 0.11)), (True, (0.89, 1.0))):
+        m = H.summarize_records(recs(correct))["metrics"]
+        for key in ("accuracy", "accuracy/strict-match@1", "pass@1", "pass@2"):
+            a = m[key]
+            assert a["n"] == 20 and a["method"] == "bootstrap", (key, a)
+            assert a["lo"] == pytest.approx(lo, abs=0.012) and a["hi"] == pytest.approx(hi, abs=0.012), (key, a)
+        assert m["mean_new_tokens"]["lo"] is None and m["mean_new_tokens"]["method"] == "none"  # all 3: no spread
+
+
+def test_bounded_bootstrap_covers_where_the_percentile_bootstrap_does_not():
+    """Coverage of the 95% interval of a per-question mean (20 questions x 2 samples, heterogeneous questions): the
+    percentile bootstrap collapses near 0 and misses the truth most of the time; the bounded one keeps ~95%."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    trials = 300
+    for p, floor_new, ceil_old in ((0.02, 0.92, 0.75), (0.5, 0.92, 1.0)):
+        new = old = 0
+        for t in range(trials):
+            q = rng.beta(2 * p, 2 * (1 - p), size=20)  # each question's own solve rate, mean p
+            x = rng.binomial(2, q) / 2  # (20,) per-question means of 2 samples
+            lo, hi = M.bootstrap_mean_ci(x, n_boot=1000, seed=t, bounds=(0.0, 1.0))
+            new += lo <= p <= hi
+            lo, hi = M.bootstrap_mean_ci(x, n_boot=1000, seed=t)
+            old += lo <= p <= hi
+        assert new / trials >= floor_new, (p, new / trials)
+        assert old / trials <= ceil_old, (p, old / trials)
+
+
+def test_pass_at_k_and_paired_intervals_at_the_extremes():
+    every = M.pass_at_k_metric([(4, 4)] * 30, k=2)
+    assert every.value == 1.0 and every.hi == 1.0 and 0.9 < every.lo < 0.99
+    none = M.pass_at_k_metric([(4, 0)] * 30, k=2)
+    assert none.value == 0.0 and none.lo == 0.0 and 0.01 < none.hi < 0.1
+    same = {f"q{i}": 0.0 for i in range(20)}
+    d = M.paired_bootstrap(same, dict(same), n_boot=4000)
+    assert d.diff == 0.0 and d.p_value == 1.0 and d.lo < -0.01 and d.hi > 0.01 and d.method == "bootstrap"
+    lengths = M.mean_metric([3.0, 5.0, 9.0])
+    assert lengths.method == "percentile-bootstrap" and lengths.lo < lengths.value < lengths.hi

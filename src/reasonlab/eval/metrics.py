@@ -1,11 +1,23 @@
 """Evaluation metrics, each returned with its sample size and a 95% confidence interval.
 
-- accuracy: Wilson score interval (well behaved at 0 and 1 and for small n, unlike the normal approximation).
+- accuracy: Wilson score interval over units (well behaved at 0 and 1 and for small n, unlike the normal approximation).
+- a mean of per-unit scores in [0, 1] (per-question accuracy over several samples, per-problem pass@k, per-prompt
+  diversity): "bootstrap" = a Bayesian bootstrap (Rubin 1981: Dirichlet(1, ..., 1) weights over the units) with HALF
+  A PSEUDO-UNIT AT EACH END OF THE RANGE (Dirichlet weight 1/2 on a unit scoring 0 and one scoring 1). A percentile
+  bootstrap of 20 questions that all score 0 resamples zeros and reports [0, 0]: a certainty 20 questions do not
+  give. The pseudo-units cannot be resampled away, so the interval never has zero width; on 0/1 units it is the
+  Jeffreys interval (Beta(c + 1/2, n - c + 1/2)), 0/20 -> [0, 0.11]; its coverage stays >= 0.93 from p = 0.005 to
+  0.99 (tests/test_metrics.py simulates it), where the percentile bootstrap's falls to 0.2 near 0. The interval is
+  widened, when needed, to contain the point estimate (0/n -> lower end 0).
+- a mean of unbounded values (lengths): "percentile-bootstrap"; when every value is equal there is no spread to
+  resample and no bound to lean on, so the interval is None (said, not invented).
 - pass@k: the unbiased estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code"),
   1 - C(n-c, k) / C(n, k), in the numerically stable product form; refuses k > n.
 - majority vote (maj@n), invalid rate, unique-answer ratio and answer entropy: the last two catch the "every output is
   '#### 1'" collapse that plain accuracy hides.
-- paired bootstrap: the difference between two eval files over their shared example ids, with a two-sided p-value.
+- paired bootstrap: the difference between two eval files over their shared example ids, with a two-sided p-value;
+  for scores in [0, 1] the differences lie in [-1, 1] and get the same half pseudo-unit at -1 and +1, so two
+  identical evals of 20 questions give an interval around 0 of about +-0.1, not [0, 0].
 
 Every metric is a `Metric` (value, n, lo, hi, method) that serializes to a plain dict for evals/<tag>.json.
 """
@@ -17,11 +29,20 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+PSEUDO = 0.5  # Dirichlet weight of the pseudo-unit at each end of a bounded range (1/2: Jeffreys on 0/1 units)
+
+CI_METHODS = {  # what each Metric.method means; the report prints these next to the intervals
+    "wilson": "Wilson score interval over units",
+    "bootstrap": "Bayesian bootstrap over units with half a pseudo-unit at each end of [0, 1] (never zero width; "
+                 "Jeffreys on 0/1 units)",
+    "percentile-bootstrap": "percentile bootstrap over units (unbounded values)",
+    "none": "no interval",
+}
 
 
 @dataclass
@@ -30,7 +51,7 @@ class Metric:
     n: int  # how many units it was computed over (examples, samples, pairs)
     lo: float | None = None  # lower end of the 95% interval (None when it is not defined, e.g. n = 0)
     hi: float | None = None  # upper end
-    method: str = ""  # how the interval was computed ("wilson", "bootstrap", "none" ...)
+    method: str = ""  # how the interval was computed: a key of CI_METHODS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,15 +109,42 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def bootstrap_mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of a mean over independent units (e.g. per-problem pass@k)."""
+def mean_draws(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
+               bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """(n_boot,) bootstrap draws of the mean of `values` over independent units.
+
+    bounds=(lo, hi), the range every unit's score lies in: Bayesian bootstrap (Dirichlet(1, ..., 1) weights over the
+    units) with a pseudo-unit of weight PSEUDO at lo and at hi, which no draw can drop (see the module docstring).
+    bounds=None: the percentile bootstrap's resampled means (they collapse to a point when every value is equal)."""
     x = np.asarray(values, dtype=np.float64)
-    if len(x) == 0:
-        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(n_boot, len(x)))  # (B, N) resampled unit indices
-    means = x[idx].mean(axis=1)  # (B,)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    if bounds is None:
+        idx = rng.integers(0, len(x), size=(n_boot, len(x)))  # (B, N) resampled unit indices
+        return x[idx].mean(axis=1)  # (B,)
+    lo, hi = bounds
+    w = rng.standard_gamma(1.0, size=(n_boot, len(x)))  # (B, N) Dirichlet(1, ..., 1) weights, unnormalized
+    p = rng.standard_gamma(PSEUDO, size=(n_boot, 2))  # (B, 2) the pseudo-units at lo and at hi
+    return (w @ x + p[:, 0] * lo + p[:, 1] * hi) / (w.sum(axis=1) + p.sum(axis=1))  # (B,)
+
+
+def bootstrap_mean_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                      bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+    """95% interval of a mean over independent units (mean_draws' 2.5% and 97.5% quantiles); with bounds it is
+    widened to contain the observed mean (0/n -> lower end exactly 0)."""
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    means = mean_draws(values, n_boot, seed, bounds)
+    lo, hi = float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    if bounds is None:
+        return lo, hi
+    mu = float(np.mean(np.asarray(values, dtype=np.float64)))
+    return min(lo, mu), max(hi, mu)
+
+
+def unit_bounds(values: Sequence[float]) -> tuple[float, float] | None:
+    """(0, 1) when every value lies in [0, 1] (rates, fractions, similarities: the scores this project averages),
+    else None (unbounded)."""
+    return (0.0, 1.0) if len(values) and all(0.0 <= v <= 1.0 for v in values) else None
 
 
 def pass_at_k_metric(counts: Sequence[tuple[int, int]], k: int, n_boot: int = 2000, seed: int = 0) -> Metric:
@@ -104,7 +152,7 @@ def pass_at_k_metric(counts: Sequence[tuple[int, int]], k: int, n_boot: int = 20
     per = [pass_at_k(n, c, k) for n, c in counts]
     if not per:
         return Metric(float("nan"), 0, None, None, "bootstrap")
-    lo, hi = bootstrap_mean_ci(per, n_boot=n_boot, seed=seed)
+    lo, hi = bootstrap_mean_ci(per, n_boot=n_boot, seed=seed, bounds=(0.0, 1.0))  # per-problem pass@k in [0, 1]
     return Metric(float(np.mean(per)), len(per), lo, hi, "bootstrap")
 
 
@@ -149,13 +197,21 @@ def unique_answer_ratio(answers: Iterable[str | None]) -> Metric:
     return Metric(len(set(valid)) / len(valid), len(valid), None, None, "none")
 
 
-def mean_metric(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> Metric:
-    """Mean with a percentile-bootstrap 95% interval (for per-prompt diversity scores, lengths ...)."""
+def mean_metric(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                bounds: tuple[float, float] | None | Literal["auto"] = "auto") -> Metric:
+    """Mean over units with a 95% interval: per-question accuracy over several samples, per-prompt diversity,
+    lengths. bounds "auto": (0, 1) when every value lies in it (unit_bounds), else unbounded; see bootstrap_mean_ci.
+    An unbounded mean whose values are all equal gets no interval (lo = hi = None), not a zero-width one."""
     vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    b = unit_bounds(vals) if bounds == "auto" else bounds
+    method = "bootstrap" if b is not None else "percentile-bootstrap"
     if not vals:
-        return Metric(float("nan"), 0, None, None, "bootstrap")
-    lo, hi = bootstrap_mean_ci(vals, n_boot=n_boot, seed=seed)
-    return Metric(float(np.mean(vals)), len(vals), lo, hi, "bootstrap")
+        return Metric(float("nan"), 0, None, None, method)
+    mu = float(np.mean(vals))
+    if b is None and min(vals) == max(vals):
+        return Metric(mu, len(vals), None, None, "none")
+    lo, hi = bootstrap_mean_ci(vals, n_boot=n_boot, seed=seed, bounds=b)
+    return Metric(mu, len(vals), lo, hi, method)
 
 
 # ----------------------------------------------------------------------------- paired comparison
@@ -173,6 +229,7 @@ class PairedDiff:
     n_only_b: int
     n_boot: int
     seed: int
+    method: str = "bootstrap"  # a key of CI_METHODS: "bootstrap" = differences bounded in [-1, 1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,7 +238,9 @@ class PairedDiff:
 def paired_bootstrap(a: dict[str, float], b: dict[str, float], n_boot: int = 10_000, seed: int = 0) -> PairedDiff:
     """Paired bootstrap of mean(b) - mean(a) over the example ids both contain.
 
-    Resampling ids (not outputs) keeps the pairing, so the per-question difficulty cancels. The p-value uses the
+    Resampling ids (not outputs) keeps the pairing, so the per-question difficulty cancels. Scores in [0, 1] give
+    differences in [-1, 1]: the Bayesian bootstrap with a half pseudo-unit at -1 and +1 (mean_draws), so identical
+    evals do not claim a difference of exactly [0, 0]; other scores: the percentile bootstrap. The p-value uses the
     bootstrap distribution shifted to the null (Efron & Tibshirani 16.4): p = P(|d* - d| >= |d|), with +1 smoothing.
     """
     shared = sorted(set(a) & set(b))
@@ -191,15 +250,18 @@ def paired_bootstrap(a: dict[str, float], b: dict[str, float], n_boot: int = 10_
     xb = np.array([b[i] for i in shared], dtype=np.float64)
     d = xb - xa  # (N,) per-example differences
     obs = float(d.mean())
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(n_boot, len(d)))  # (B, N)
-    boot = d[idx].mean(axis=1)  # (B,)
+    bounded = unit_bounds(list(xa) + list(xb)) is not None
+    boot = mean_draws(d, n_boot, seed, (-1.0, 1.0) if bounded else None)  # (B,)
     extreme = np.sum(np.abs(boot - obs) >= abs(obs) - 1e-12)
     p = float((extreme + 1) / (n_boot + 1))
+    lo, hi = float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+    if bounded:  # the pseudo-units shrink draws toward 0: keep the observed difference inside
+        lo, hi = min(lo, obs), max(hi, obs)
     return PairedDiff(
-        diff=obs, lo=float(np.quantile(boot, 0.025)), hi=float(np.quantile(boot, 0.975)), p_value=min(1.0, p),
+        diff=obs, lo=lo, hi=hi, p_value=min(1.0, p),
         n=len(shared), mean_a=float(xa.mean()), mean_b=float(xb.mean()), n_only_a=len(set(a) - set(b)),
         n_only_b=len(set(b) - set(a)), n_boot=n_boot, seed=seed,
+        method="bootstrap" if bounded else "percentile-bootstrap",
     )
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 import tinyrun
-from reasonlab.diagnostics.detectors import overall_status, run_detectors
+from reasonlab.diagnostics.detectors import overall_status, run_detectors, term_audits, thresholds_from_config
 from reasonlab.diagnostics.runfolder import RunFolder
-from reasonlab.diagnostics.watch import WatchConfig, Watcher
+from reasonlab.watch import Thresholds, WatchConfig, Watcher
 from reasonlab.tracking import read_jsonl
 
 
@@ -73,6 +73,65 @@ def test_zero_gradient_loss_term(root, term):
     if term == "float_diversity":
         assert min(vshare) > 0.05 and f"{100 * max(vshare):.1f}% of the loss value" in f[0].title
     assert "ce" not in {x.evidence.get("term") for x in f}  # the live term is not flagged
+
+
+def audits(run_dir, term):
+    """[(step, state)] of one loss term at its audits, as the report and the watcher judge them."""
+    return [(a[0], a[1]) for a in term_audits(RunFolder(run_dir), Thresholds())[term]]
+
+
+def test_kl_at_its_reference_point_is_not_a_failure(root):
+    """Issue 17, point 1: a 3-step LoRA run audited once, at initialisation, where the policy equals its reference:
+    the KL and its gradient are exactly 0 by construction. Not a failure; an info that says why."""
+    run = tinyrun.lora_kl_run(root, "lora-kl-init", steps=3, audit_every=1000)
+    rf = RunFolder(run)
+    assert rf.series("loss/term/kl")[1] == [0.0] and rf.series("grad/term/kl")[1][0] < 1e-8  # what the old rule saw
+    found = findings(run)
+    assert codes(found) == set(), [(f.severity, f.title) for f in found]
+    info = only(found, "term_not_yet_active")
+    assert [f.evidence["term"] for f in info] == ["kl"] and info[0].severity == "info"
+    assert not rf.events  # the online watcher agrees
+
+    # audited at every step: once the policy has moved, the KL is live
+    run = tinyrun.lora_kl_run(root, "lora-kl-every", steps=3, audit_every=1)
+    assert audits(run, "kl") == [(1, "inactive"), (2, "live"), (3, "live")]
+    found = findings(run)
+    assert codes(found) == set() and "term_not_yet_active" not in codes(found, ("info",))
+
+
+def test_small_weight_kl_is_judged_against_its_own_value(root):
+    """A small-weight KL next to a term with a large gradient (markovian's actor reward: 14-95 vs the KL's
+    4e-4..6e-3): its gradient is far below 1e-4 of the largest term's, which the old relative rule called zero."""
+    run = tinyrun.lora_kl_run(root, "lora-kl-small", steps=3, audit_every=1, kl_weight=0.01, pg_weight=100.0)
+    rf = RunFolder(run)
+    kl, pg = rf.series("grad/term/kl")[1], rf.series("grad/term/pg")[1]
+    assert all(k / p < 1e-4 for k, p in zip(kl[1:], pg[1:]))  # the old rule: dead at every audit
+    assert audits(run, "kl") == [(1, "inactive"), (2, "live"), (3, "live")]
+    assert codes(findings(run)) == set()
+
+
+def test_float_term_is_flagged_at_the_first_audit(root):
+    """Seed 002's float diversity bonus in the same LoRA run, audited once at initialisation: a visible value with no
+    gradient is dead at once, while the KL beside it is merely not yet active."""
+    found = findings(tinyrun.lora_kl_run(root, "lora-float", steps=3, audit_every=1000, extra="float"))
+    f = only(found, "zero_grad_term")
+    assert len(f) == 1 and f[0].evidence["term"] == "diversity" and "at 1/1 judged audits" in f[0].title
+    assert [x.evidence["term"] for x in only(found, "term_not_yet_active")] == ["kl"]
+
+
+def test_identically_zero_term_is_flagged_once_the_policy_moved(root):
+    """Seed 003's advantage standardized with non-detached mean/std: value and gradient ~0 at every audit. At
+    initialisation that looks like the KL; after the policy has moved it is dead, the KL is live."""
+    run = tinyrun.lora_kl_run(root, "lora-std", steps=3, audit_every=1, extra="standardized")
+    assert audits(run, "actor") == [(1, "inactive"), (2, "dead"), (3, "dead")]
+    f = only(findings(run), "zero_grad_term")
+    assert len(f) == 1 and f[0].evidence["term"] == "actor" and f[0].evidence["steps"] == [2, 3]
+    ev = [e for e in RunFolder(run).events if e["kind"] == "zero_grad_term"]  # online: two consecutive dead audits
+    assert [(e["step"], e["terms"]) for e in ev] == [(3, ["actor"])]
+    # audited only at initialisation it cannot be told from the KL there: not judged, and the report says so
+    found = findings(tinyrun.lora_kl_run(root, "lora-std-once", steps=3, audit_every=1000, extra="standardized"))
+    assert "zero_grad_term" not in codes(found)
+    assert {f.evidence["term"] for f in only(found, "term_not_yet_active")} == {"kl", "actor"}
 
 
 def test_watcher_stops_on_zero_gradient_term_after_checkpoint(root):
@@ -141,6 +200,14 @@ def test_encoder_and_output_collapse_from_question_independent_teacher(root):
     assert codes(good) == set(), [(f.severity, f.title) for f in good]
 
 
+def test_bridge_without_controls(root):
+    """Issue 17, 2c: a bridge run folder with no control evals at all is a failure, not silence."""
+    f = only(findings(tinyrun.bridge_run(root, "bridge-no-controls", controls=False)), "controls_missing")
+    assert len(f) == 1 and f[0].severity == "failed" and "no control evals at all" in f[0].title
+    assert set(f[0].evidence["missing"]) == {"val@final", "test@final"}
+    # its healthy twin (controls present and beaten) is test_encoder_and_output_collapse_...'s bridge-ok
+
+
 def test_controls_failed_and_untrained_translator(root):
     """Soft tokens from a no_grad helper: the translator never trains and the bridge does not beat its controls."""
     found = findings(tinyrun.bridge_run(root, "bridge-nograd", translator_grad=False))
@@ -199,6 +266,62 @@ def test_subset_score_divided_by_full_split(root):
     assert "generalization_gap" not in codes(found)  # judged on the records, the model generalizes
 
 
+def test_pass1_of_a_task_subset_divided_by_the_whole_split(root):
+    """Issue 17, 2a: seed 004's evaluator for a headline metric other than accuracy: a TRM-style pass@1 over 32 of
+    400 tasks, divided by 400 and reported with n=400. Caught, and the power check uses the 32 tasks evaluated."""
+    found = findings(tinyrun.grid_run(root, "grid-subset-bug", subset=32, denominator="split"))
+    f = only(found, "subset_denominator")[0]
+    assert f.severity == "failed" and f.evidence["metric"] == "pass@1"
+    assert (f.evidence["n_summary"], f.evidence["n_records"]) == (400, 32) and "32 evaluated tasks" in f.title
+    assert f.evidence["values"][1] > 5 * f.evidence["values"][0]  # the subset's real score vs the diluted one
+    power = only(found, "underpowered_eval")[0]
+    assert power.evidence["n"] == 32
+
+    honest = findings(tinyrun.grid_run(root, "grid-subset-honest", subset=32))  # same subset, divided by 32
+    assert codes(honest) == {"underpowered_eval"} and only(honest, "underpowered_eval")[0].evidence["n"] == 32
+    healthy = findings(tinyrun.grid_run(root, "grid-healthy"))  # every task evaluated
+    assert codes(healthy) == set(), [(f.severity, f.title) for f in healthy]
+
+
+def test_training_on_the_evaluation_tasks_demonstrations(root):
+    """Issue 17, 2b: the evaluation tasks' demonstrations are training samples ('<task>/demo<j>'), the eval scores
+    their test pairs ('<task>/<j>'): no id matches, the task does. It inflates the held-out score."""
+    run = tinyrun.grid_run(root, "grid-demo-leak", eval_demos_trained=True)
+    rf = RunFolder(run)
+    test = rf.evals_for("test")[0]
+    assert not test.ids() & rf.train_ids  # an id check alone sees nothing
+    f = only(findings(run), "eval_leakage")
+    assert len(f) == 1 and f[0].severity == "failed" and f[0].evidence["by"] == "task"
+    assert "400/400 test tasks" in f[0].title
+    clean = RunFolder(tinyrun.grid_run(root, "grid-healthy-2")).evals_for("test")[0]
+    assert test.primary[1]["value"] > clean.primary[1]["value"] + 0.1  # what the leak buys
+
+    declared = findings(tinyrun.grid_run(root, "grid-transductive", eval_demos_trained=True,
+                                         split_mode="transductive"))
+    assert codes(declared) == set()  # TRM's own protocol, said as such: not a failure
+    assert only(declared, "transductive_eval")[0].severity == "info"
+
+
+def test_long_run_without_evaluation_during_training(root):
+    """Issue 17, 2e: seed 003's eval_frequency null: 500 steps with only the step-0 and final evals."""
+    f = only(findings(tinyrun.classifier_run(root, "no-periodic-eval", steps=500, eval_every=0)), "no_periodic_eval")
+    assert len(f) == 1 and f[0].severity == "warning" and "500 training steps (eval.every=0)" in f[0].title
+    twin = findings(tinyrun.classifier_run(root, "periodic-eval", steps=500, eval_every=100))
+    assert codes(twin) == set(), [(x.severity, x.title) for x in twin]
+
+
+def test_pass_at_k_at_its_ceiling(root):
+    """Issue 17, 2d: seed 002's pass@10 0.998: 10 samples scored by a checker that accepts nearly anything. pass@1
+    has room, pass@10 does not: the eval cannot show a gain. The strict checker on the same samples stays quiet."""
+    run = tinyrun.classifier_run(root, "lenient-pass10", eval_samples=10, lenient=True)
+    f = only(findings(run), "eval_at_ceiling")[0]
+    assert f.severity == "warning" and "pass@10" in f.title and f.evidence["values"][0] >= 0.98
+    test = [e for e in RunFolder(run).evals_for("test") if e.final][0]
+    assert test.primary[1]["value"] < 0.97  # pass@1 is not at the ceiling
+    strict = findings(tinyrun.classifier_run(root, "strict-pass10", eval_samples=10))
+    assert codes(strict) == set(), [(x.severity, x.title) for x in strict]
+
+
 def test_run_killed_before_final_eval(root):
     run = tinyrun.killed_classifier_run(root, "killed", kill_at=30)
     found = findings(run)
@@ -238,8 +361,8 @@ class _Events:
 def test_watcher_patience_counts_consecutive_observations():
     run = _Events()
     w = Watcher(run, WatchConfig(stop_on=[], patience=2))
-    dead = {"grad/term/a": 1.0, "grad/term/b": 0.0}
-    live = {"grad/term/a": 1.0, "grad/term/b": 0.5}
+    dead = {"grad/term/a": 1.0, "grad/term/b": 0.0, "loss/term/a": 1.0, "loss/term/b": 0.2}
+    live = {"grad/term/a": 1.0, "grad/term/b": 0.5, "loss/term/a": 1.0, "loss/term/b": 0.2}
     w.step(0, dead)
     w.step(1, {"train/loss": 1.0})  # no audit this step: neither confirms nor clears
     w.step(2, live)  # observed and alive: the streak restarts
@@ -250,3 +373,17 @@ def test_watcher_patience_counts_consecutive_observations():
     assert [(r["step"], r["kind"], r["terms"]) for r in run.rows] == [(5, "zero_grad_term", ["b"])]
     w.step(6, live)
     assert run.rows[-1]["severity"] == "info" and run.rows[-1]["step"] == 6  # cleared
+
+
+def test_one_thresholds_dataclass_for_watcher_and_report():
+    """WatchConfig IS the report's Thresholds: a run's watch: section moves both the same way."""
+    assert issubclass(WatchConfig, Thresholds)
+    cfg = WatchConfig(stop_on=[], patience=1, ratio_explode=50.0)
+    run = _Events()
+    Watcher(run, cfg).step(1, {"ppo/ratio_max": 20.0})
+    assert run.rows == []  # 20 < 50: not an explosion for this run
+    Watcher(run, WatchConfig(stop_on=[], patience=1)).step(1, {"ppo/ratio_max": 20.0})
+    assert [r["kind"] for r in run.rows] == ["ratio_explosion"]  # the default 5 would call it one
+    th = thresholds_from_config({"watch": {"ratio_explode": 50, "min_eval_n": 30, "audit_every": 7}})
+    assert (th.ratio_explode, th.min_eval_n) == (50.0, 30) and not hasattr(th, "audit_every")
+    assert thresholds_from_config({"diagnostics": {"min_eval_n": 3}}).min_eval_n == 100  # no such section

@@ -76,6 +76,34 @@ def test_recipe_end_hook_writes_report_of_healthy_run(root):
     # the audited terms: value share next to gradient share
     assert re.search(r"\| ce \| 1 \| \d+\.\d% \| \d+\.\d% \|", md) and "| entropy | 0.05 |" in md
     assert {"loss", "accuracy", "grad_terms", "encoder"} <= linked_plots(md, run)
+    # every interval says how it was computed
+    assert re.search(r"\| test \| teacher \| acc \| .* \| wilson \|", md)
+    assert "CI methods: `wilson` = Wilson score interval over units" in md
+
+
+def test_report_honours_the_runs_watch_thresholds(root):
+    """The run's own watch: section is the report's thresholds (one dataclass, reasonlab.watch.Thresholds): a 30-item
+    test judged with min_eval_n 20 and a 20-point half-width allowance is not underpowered; --set overrides on top."""
+    run = tinyrun.classifier_run(root, "own-thresholds", n_test=30, watch={"min_eval_n": 20, "ci_halfwidth_max": 0.2})
+    p = cli("report", str(run))
+    assert p.stdout.startswith("status: HEALTHY") and "underpowered_eval" not in p.stdout, p.stdout
+    md = (run / "report.md").read_text()
+    assert "Thresholds from the run's `watch:` section: ci_halfwidth_max=0.2, min_eval_n=20." in md
+    p = cli("report", str(run), "--set", "min_eval_n=100")
+    assert p.stdout.startswith("status: WARNING") and "underpowered_eval" in p.stdout
+    assert "Thresholds overridden for this report: min_eval_n=100." in (run / "report.md").read_text()
+    p = cli("report", str(run), "--set", "min_evl_n=3", check=False)
+    assert p.returncode == 2 and "did you mean 'min_eval_n'" in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+def test_report_of_kl_run_at_its_reference_point(root):
+    """The false alarm of issue 17: a LoRA run audited at initialisation only. Healthy, and the loss-term table says
+    the KL was not yet active rather than dead."""
+    run = tinyrun.lora_kl_run(root, "kl-report", steps=3, audit_every=1000)
+    md = write_report(run).read_text()
+    assert "**Status: HEALTHY**" in md and "term_not_yet_active" in md
+    row = next(line for line in md.splitlines() if line.startswith("| kl |"))
+    assert row.rstrip().endswith("| 1 not yet active |"), row
 
 
 def test_report_of_zero_gradient_run_separates_value_and_gradient_share(root):

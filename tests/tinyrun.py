@@ -6,7 +6,10 @@ into the folder by hand. Each loop takes well under a second or two on one CPU t
     from tinyrun import classifier_run
     run_dir = classifier_run(tmp_path, "zero-grad", extra_term="float_diversity")
 
-Used by test_detectors.py and test_report.py.
+Loops: classifier_run (loss terms, leakage, eval power and schedule, pass@k ceiling, killed/crashed runs),
+lora_kl_run (a LoRA policy whose KL is exactly 0 at its reference point; float and identically-zero terms),
+ppo_run, repetition_run, bridge_run (controls), freeze_run, memorize_run, grid_run (TRM-style per-task pass@k: task
+subsets, evaluation demonstrations in training). Used by test_detectors.py and test_report.py.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as Fn
 
-from reasonlab.config import BaseConfig, F, TrackingConfig, TrainConfig
-from reasonlab.diagnostics.watch import (WatchConfig, Watcher, encoder_stats, group_reward_stats, record_train_ids,
+from reasonlab.config import BaseConfig, EvalConfig, F, TrackingConfig, TrainConfig
+from reasonlab.watch import (WatchConfig, Watcher, encoder_stats, group_reward_stats, record_train_ids,
                                          rollout_stats)
-from reasonlab.eval.metrics import accuracy
+from reasonlab.eval.metrics import accuracy, mean_metric, pass_at_k_metric
 from reasonlab.rl.audit import audit_terms
 from reasonlab.runs import Run, open_checkpoint
 
@@ -58,9 +61,13 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-def open_run(root: Path, name: str, recipe: str, steps: int, lr: float, stop_on=("nan",), **variant) -> Run:
-    cfg = TinyConfig(recipe=recipe, variant=variant, train=TrainConfig(steps=steps, lr=lr, keep_checkpoints=5),
-                     watch=WatchConfig(stop_on=list(stop_on), audit_every=10, patience=2))
+def open_run(root: Path, name: str, recipe: str, steps: int, lr: float, stop_on=("nan",), watch: dict | None = None,
+             method: str = "tiny", eval_every: int = 0, **variant) -> Run:
+    """A Run whose config.yaml holds this loop's switches; `watch` = extra watch: settings (thresholds too); `method`
+    = the recipe the detectors should judge it as (e.g. "bridge": its evals need controls)."""
+    cfg = TinyConfig(method=method, recipe=recipe, variant=variant, eval=EvalConfig(every=eval_every),
+                     train=TrainConfig(steps=steps, lr=lr, keep_checkpoints=5),
+                     watch=WatchConfig(**{"stop_on": list(stop_on), "audit_every": 10, "patience": 2, **(watch or {})}))
     argv = ["reasonlab", "run", f"tests/tinyrun.py:{recipe}", *[f"variant.{k}={v}" for k, v in variant.items()]]
     return Run(cfg, Path(root) / name, command=argv, install_signals=False)
 
@@ -96,7 +103,8 @@ def write_eval(run: Run, tag: str, ids, preds, golds, *, split: str, step: int, 
 def classifier_run(root: Path, name: str = "healthy", *, steps: int = 60, lr: float = 0.2,
                    extra_term: str = "entropy", leak: int = 0, n_test: int = 500, test_subset: int = 0,
                    select_on: str = "val", eval_every: int = 20, kill_at: int = 0, crash_at: int = 0,
-                   stop_on=("nan",), report: bool = False) -> Path:
+                   stop_on=("nan",), report: bool = False, eval_samples: int = 1, lenient: bool = False,
+                   watch: dict | None = None) -> Path:
     """Linear-teacher classification: a frozen random feature layer, a trainable MLP head, SGD with momentum.
     loss = CE + weighted extra term, both audited (rl.audit) every 10 steps. Healthy: the extra term is an entropy
     bonus on the batch-mean prediction (a tensor with a gradient). Bugs, one switch each:
@@ -108,11 +116,16 @@ def classifier_run(root: Path, name: str = "healthy", *, steps: int = 60, lr: fl
       lr=1e4             diverges to inf/NaN; the Watcher (stop_on nan) stops the run
       kill_at=s          the process is SIGKILLed at step s (a scheduler timeout): no final eval, no summary.json
       crash_at=s         the loop raises at step s; the run ends as `reasonlab run` ends it: finish("failed", error)
+      eval_every=0       no evaluation during training (seed 003's eval_frequency: null), only before and after
+      eval_samples=k, lenient=True   test = k samples per question scored by a checker that accepts any class
+                         within 3 of the gold (seed 002's length heuristic): pass@k at its ceiling while pass@1 is not
+    watch: the run's watch: settings (thresholds included), e.g. {"min_eval_n": 20}.
     """
     with one_thread():
         torch.manual_seed(0)
-        run = open_run(root, name, "classifier", steps, lr, stop_on=stop_on, extra_term=extra_term, leak=leak,
-                       n_test=n_test, test_subset=test_subset, select_on=select_on, kill_at=kill_at)
+        run = open_run(root, name, "classifier", steps, lr, stop_on=stop_on, watch=watch, extra_term=extra_term,
+                       eval_every=eval_every, leak=leak, n_test=n_test, test_subset=test_subset, select_on=select_on,
+                       kill_at=kill_at, eval_samples=eval_samples, lenient=lenient)
         xtr, ytr, idtr = teacher("train", 512)
         xva, yva, idva = teacher("val", 500)
         xte, yte, idte = teacher("test", n_test)
@@ -131,10 +144,31 @@ def classifier_run(root: Path, name: str = "healthy", *, steps: int = 60, lr: fl
         def predict(x):
             return model(x).argmax(1)
 
+        def sampled_eval(x, y, ids, tag: str, step: int) -> dict:
+            """eval_samples predictions per question sampled from the softmax; pass@k over questions."""
+            with torch.no_grad():
+                probs = model(x).softmax(-1)  # (N, C)
+            draws = torch.multinomial(probs, eval_samples, replacement=True,
+                                      generator=torch.Generator().manual_seed(5))  # (N, k)
+            ok = (draws - y[:, None]).abs() <= 3 if lenient else draws == y[:, None]  # (N, k)
+            records = [{"id": i, "sample": j, "prompt": f"question {i}", "output": f"The answer is {int(p)}.",
+                        "extracted": str(int(p)), "gold": str(int(g)), "correct": bool(c), "valid": True,
+                        "extractor": "lenient@1" if lenient else "argmax@1"}
+                       for i, row, okrow, g in zip(ids, draws, ok, y) for j, (p, c) in enumerate(zip(row, okrow))]
+            counts = [(eval_samples, int(r.sum())) for r in ok]
+            mets = {"acc": mean_metric([c / n for n, c in counts]).to_dict()}
+            for kk in sorted({2, eval_samples}):
+                mets[f"pass@{kk}"] = pass_at_k_metric(counts, kk).to_dict()
+            run.write_eval(tag, records, {"split": "test", "step": step, "final": True, "task": "teacher",
+                                          "metrics": mets, "samples": eval_samples})
+            return mets["acc"]
+
         def evaluate(split: str, step: int, final: bool = False) -> float:
             x, y, ids = {"val": (xva, yva, idva), "test": (xte, yte, idte)}[split]
             k = test_subset if split == "test" and test_subset else len(ids)
             tag = f"{split}@final" if final else f"{split}@step_{step}"
+            if split == "test" and eval_samples > 1:
+                return sampled_eval(x, y, ids, tag, step)["value"]
             acc = write_eval(run, tag, ids[:k], predict(x[:k]), y[:k], split=split, step=step, final=final,
                              denominator=n_test if k < len(ids) else None)
             run.log(step, {f"eval/{split}/acc": acc["value"], f"eval/{split}/acc_lo": acc["lo"],
@@ -181,7 +215,7 @@ def classifier_run(root: Path, name: str = "healthy", *, steps: int = 60, lr: fl
                     break  # the Watcher asked to stop: checkpoint and final eval below, as for a time limit
                 if kill_at and step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if step % eval_every == 0 and step < steps:
+                if eval_every and step % eval_every == 0 and step < steps:
                     save(step)
                     acc = evaluate(select_on, step)
                     if acc > best[0]:
@@ -327,7 +361,7 @@ class Translator(torch.nn.Module):
 
 
 def bridge_run(root: Path, name: str = "bridge", *, teacher_sees: str = "question", translator_grad: bool = True,
-               steps: int = 150) -> Path:
+               steps: int = 150, controls: bool = True) -> Path:
     """Latent bridge in miniature: a frozen target head (stand-in for the frozen target LM; 8-dim embedding, 16
     answers) reads one soft token = translator(source features) + a learned soft prompt. loss = KL(teacher || target).
     Healthy: the teacher is the target given the true question. Bugs:
@@ -335,12 +369,13 @@ def bridge_run(root: Path, name: str = "bridge", *, teacher_sees: str = "questio
                               the translator matches by emitting the same soft token for every input
       translator_grad=False   soft tokens come from a no_grad helper (the generation path reused in training), so
                               the translator never trains and accuracy is no better than the shuffled-source control
+      controls=False          the evals skip the shuffled-source and zero-source controls altogether
     Logs encoder/* (watch.encoder_stats of the soft tokens); evals on val and test with the shuffled-source and
     zero-source controls on the same items."""
     with one_thread():
         torch.manual_seed(0)
-        run = open_run(root, name, "bridge", steps, 0.05, stop_on=(), teacher_sees=teacher_sees,
-                       translator_grad=translator_grad)
+        run = open_run(root, name, "bridge", steps, 0.05, stop_on=(), method="bridge", teacher_sees=teacher_sees,
+                       translator_grad=translator_grad, controls=controls)
         d_src, d_emb, n_ans = 16, 8, 16
         target = torch.nn.Linear(d_emb, n_ans)
         target.requires_grad_(False)
@@ -383,7 +418,8 @@ def bridge_run(root: Path, name: str = "bridge", *, teacher_sees: str = "questio
             for split, rows in (("val", list(val_idx)), ("test", list(test_idx))):
                 src = x[rows]
                 shuffled = src[torch.randperm(len(rows), generator=torch.Generator().manual_seed(1))]
-                for control, s in ((None, src), ("shuffled_source", shuffled), ("zero_source", torch.zeros_like(src))):
+                conds = ((None, src), ("shuffled_source", shuffled), ("zero_source", torch.zeros_like(src)))
+                for control, s in conds if controls else conds[:1]:
                     pred = target(translator.proj(s) + translator.prompt).argmax(1)
                     tag = f"{split}@final" + (f"+control={control}" if control else "")
                     extra = {"control": control, "base": f"{split}@final"} if control else {}
@@ -462,5 +498,162 @@ def memorize_run(root: Path, name: str = "memorize", *, steps: int = 250) -> Pat
                 p = pz + k * n_puz
                 write_eval(run, f"{split}@final", [f"puzzle{int(a)}/sym{int(b)}" for a, b in zip(p, sym)],
                            forward(p, sym).argmax(1), perms[p, sym], split=split, step=steps, final=True)
+        run.finish("completed", results={"final_step": steps})
+        return run.dir
+
+
+def lora_kl_run(root: Path, name: str = "lora-kl", *, steps: int = 3, audit_every: int = 1, kl_weight: float = 0.1,
+                pg_weight: float = 1.0, extra: str = "none", lr: float = 0.05) -> Path:
+    """A LoRA policy on a contextual bandit (128 prompts x 16 actions): logits = base[p] + B A[:, p] with B
+    zero-initialised, so before the first update the policy IS its reference (the adapter disabled), as in the
+    markovian and polychromic recipes. loss = pg_weight * group-normalized REINFORCE + kl_weight * exact KL(pi || ref)
+    (+ one extra term): the KL and its gradient are exactly 0 at initialisation, by construction. Audits at step 1 and
+    every `audit_every` steps. Bugs (extra=):
+      "float"         a diversity bonus that is a Python float (seed 002), weight 0.3: a visible value, no gradient
+      "standardized"  the mean of advantages standardized with non-detached mean/std (seed 003), weight 1:
+                      identically 0, so value and gradient stay ~0 after the policy has moved
+    Healthy (extra="none"): nothing but the KL is ~0, and only before the first update."""
+    with one_thread():
+        torch.manual_seed(0)
+        run = open_run(root, name, "lora_kl", steps, lr, stop_on=(), extra=extra, kl_weight=kl_weight,
+                       pg_weight=pg_weight, audit_every=audit_every)
+        n_prompts, n_actions, rank, group, batch = 128, 16, 2, 4, 16
+        g = torch.Generator().manual_seed(7)
+        base = torch.randn(n_prompts, n_actions, generator=g)  # the frozen base policy's logits
+        target = torch.randint(0, n_actions, (n_prompts,), generator=g)
+        lora_a = torch.nn.Parameter(torch.randn(rank, n_prompts, generator=g) / rank ** 0.5)
+        lora_b = torch.nn.Parameter(torch.zeros(n_actions, rank))  # zero: adapter on == adapter off at step 0
+        params = [lora_a, lora_b]
+        opt = torch.optim.Adam(params, lr=lr)
+        watcher = Watcher(run, run.cfg.watch)
+        record_train_ids(run, [f"prompt/{i}" for i in range(n_prompts)])
+
+        def policy_logits(p):  # (B,) -> (B, A)
+            return base[p] + (lora_b @ lora_a[:, p]).T
+
+        step = 0
+        for step in range(1, steps + 1):
+            prompts = torch.randint(0, n_prompts, (batch,)).repeat_interleave(group)  # (B*G,)
+            logits = policy_logits(prompts)  # (B*G, A)
+            logp = logits.log_softmax(-1)
+            with torch.no_grad():
+                actions = torch.distributions.Categorical(logits=logits).sample()  # (B*G,)
+                ref_logp = base[prompts].log_softmax(-1)  # the reference: adapter disabled
+            reward = -(actions - target[prompts]).abs().float() / n_actions  # (B*G,) dense: groups rarely tie
+            r = reward.view(batch, group)
+            adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1)
+            lp = logp.gather(1, actions[:, None]).squeeze(1)
+            pg = -(lp * adv.detach()).mean()
+            kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()
+            terms = {"pg": (pg_weight, pg), "kl": (kl_weight, kl)}
+            if extra == "float":
+                terms["diversity"] = (0.3, -len(set(actions.tolist())) / n_actions)
+            elif extra == "standardized":  # the reward carries the graph; its standardization does not detach
+                rg = (lp * reward).view(batch, group)
+                terms["actor"] = (1.0, -((rg - rg.mean(1, keepdim=True)) / (rg.std(1, keepdim=True) + 1e-6)).mean())
+            loss = sum(w * t for w, t in terms.values())
+            metrics = {"train/loss": loss.item(), "train/kl": kl.item(), **group_reward_stats(r)}
+            if step == 1 or step % audit_every == 0:
+                metrics.update(audit_terms(terms, params).metrics())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+            opt.step()
+            run.log(step, metrics)
+            watcher.step(step, metrics)
+        run.save_checkpoint(step, modules={"lora": torch.nn.ParameterDict({"a": lora_a, "b": lora_b})})
+        with torch.no_grad():
+            greedy = policy_logits(torch.arange(n_prompts)).argmax(1)
+        write_eval(run, "val@final", [f"val/prompt/{i}" for i in range(n_prompts)], greedy, target, split="val",
+                   step=step, final=True)
+        run.finish("completed", results={"final_step": step})
+        return run.dir
+
+
+def grid_run(root: Path, name: str = "grid", *, n_eval_tasks: int = 400, subset: int = 0,
+             denominator: str = "evaluated", eval_demos_trained: bool = False, split_mode: str = "heldout",
+             steps: int = 300) -> Path:
+    """ETRM in miniature: a task is a shift rule y = (x + s) mod 8 shown by 4 demonstration pairs; the model reads one
+    demonstration and a query and predicts the answer (it must infer s from the demo), so it can solve tasks it never
+    saw. Training tasks contribute demos and tests ("<task>/demo<j>", "<task>/<j>"); evaluation tasks' test pairs are
+    scored per task as TRM does (records carry "task", "correct", "correct@2"; pass@k = mean task credit). Bugs:
+      subset=k, denominator="split"   only k tasks evaluated, their credits divided by every task of the split and n
+                                      reported as the split size (TRM's official evaluator; seed 004)
+      eval_demos_trained=True         the evaluation tasks' demonstrations are also training samples; with
+                                      split_mode="heldout" the eval still claims held-out tasks (ETRM's claim), with
+                                      "transductive" it says what it is (TRM's protocol)"""
+    with one_thread():
+        torch.manual_seed(0)
+        run = open_run(root, name, "grid", steps, 0.01, stop_on=(), subset=subset, denominator=denominator,
+                       eval_demos_trained=eval_demos_trained, split_mode=split_mode)
+        V, n_demo, n_test = 8, 4, 2
+        g = torch.Generator().manual_seed(11)
+
+        def make(prefix: str, n: int) -> list[dict]:
+            tasks = []
+            for t in range(n):
+                s = int(torch.randint(0, V, (1,), generator=g))
+                xs = torch.randint(0, V, (n_demo + n_test,), generator=g)
+                tasks.append({"id": f"{prefix}{t:03d}", "x": xs, "y": (xs + s) % V})
+            return tasks
+
+        train_tasks, eval_tasks = make("train", 64), make("eval", n_eval_tasks)
+        model = torch.nn.Sequential(torch.nn.Linear(3 * V, 128), torch.nn.ReLU(), torch.nn.Linear(128, V))
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        onehot = lambda v: Fn.one_hot(v, V).float()  # noqa: E731
+
+        def inputs(dx, dy, q):  # (B,) x3 -> (B, 3V): one demonstration pair and the query
+            return torch.cat([onehot(dx), onehot(dy), onehot(q)], -1)
+
+        # training samples: (task, demo index d, query index q), the query never its own demo
+        samples, ids = [], []
+        for t in train_tasks:
+            ids += [f"{t['id']}/demo{j}" for j in range(n_demo)] + [f"{t['id']}/{j}" for j in range(n_test)]
+            samples += [(t, d, q) for d in range(n_demo) for q in range(n_demo + n_test) if q != d]
+        if eval_demos_trained:  # the demos alone: the scored test pairs stay out
+            for t in eval_tasks:
+                ids += [f"{t['id']}/demo{j}" for j in range(n_demo)]
+                samples += [(t, d, q) for d in range(n_demo) for q in range(n_demo) if q != d]
+        record_train_ids(run, ids)
+        dx = torch.tensor([int(t["x"][d]) for t, d, _ in samples])
+        dy = torch.tensor([int(t["y"][d]) for t, d, _ in samples])
+        qx = torch.tensor([int(t["x"][q]) for t, _, q in samples])
+        qy = torch.tensor([int(t["y"][q]) for t, _, q in samples])
+        for step in range(1, steps + 1):
+            idx = torch.randint(0, len(samples), (128,))
+            logits = model(inputs(dx[idx], dy[idx], qx[idx]))
+            loss = Fn.cross_entropy(logits, qy[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            run.log(step, {"train/loss": loss.item(), "train/acc": (logits.argmax(1) == qy[idx]).float().mean().item()})
+        run.save_checkpoint(steps, modules={"model": model})
+        evaluated = eval_tasks[:subset] if subset else eval_tasks
+        records, credit1, credit2 = [], [], []
+        with torch.no_grad():
+            for t in evaluated:
+                hits1, hits2 = [], []
+                for j in range(n_test):
+                    q = n_demo + j
+                    logits = model(inputs(t["x"][:1], t["y"][:1], t["x"][q:q + 1]))[0]  # demo 0 as the example
+                    top = logits.topk(2).indices.tolist()
+                    gold = int(t["y"][q])
+                    hits1.append(top[0] == gold)
+                    hits2.append(gold in top)
+                    records.append({"id": f"{t['id']}/{j}", "task": t["id"], "test_index": j, "output": str(top[:2]),
+                                    "extracted": str(top[0]), "gold": str(gold), "correct": top[0] == gold,
+                                    "correct@2": gold in top, "valid": True, "extractor": "argmax@1"})
+                credit1.append(sum(hits1) / n_test)
+                credit2.append(sum(hits2) / n_test)
+        metrics = {}
+        for k, credit in (("pass@1", credit1), ("pass@2", credit2)):
+            m = (accuracy([c == 1.0 for c in credit]) if all(c in (0.0, 1.0) for c in credit)
+                 else mean_metric(credit)).to_dict()
+            if denominator == "split":  # the official evaluator: sum of credits over EVERY task of the split
+                m = {**m, "value": sum(credit) / n_eval_tasks, "n": n_eval_tasks}
+            metrics[k] = m
+        run.write_eval("test@final", records, {"split": "test", "step": steps, "final": True, "task": "shift-rules",
+                                               "metrics": metrics, "n_tasks": metrics["pass@1"]["n"],
+                                               "split_mode": split_mode})
         run.finish("completed", results={"final_step": steps})
         return run.dir

@@ -26,7 +26,8 @@ def report_cmd(
     fail_on: str = typer.Option("never", "--fail-on", help="exit 1 when the status is this bad or worse: "
                                 "never | warning | failed (for scripts and CI)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override a detector threshold, e.g. --set "
-                                             "min_eval_n=30 (repeatable; names in diagnostics/detectors.py)"),
+                                             "min_eval_n=30 (repeatable; on top of the run's `watch:` section; "
+                                             "names: reasonlab.watch.Thresholds)"),
 ) -> None:
     """Write report.md + plots/ for a run folder; print its status and findings."""
     from reasonlab.diagnostics.report import make_report

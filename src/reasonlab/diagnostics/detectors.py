@@ -12,9 +12,9 @@ Metric names the detectors read (recipes MUST log these names; see DESIGN.md "Me
   ppo/ratio_mean, ppo/ratio_max, ppo/clip_frac, ppo/approx_kl
   rollout/unique_ratio, rollout/unique_answer_ratio, rollout/repeat_ngram_rate, rollout/max_char_run,
   rollout/reward_std, rollout/frac_zero_std (fraction of prompt groups whose rewards all tie), rollout/entropy
-                         (mean per-token policy entropy, nats)   -> watch.rollout_stats / watch.group_reward_stats
+                         (mean per-token policy entropy, nats)   -> reasonlab.watch.rollout_stats / group_reward_stats
   encoder/cross_sample_var, encoder/cross_sample_ratio, encoder/pairwise_cos, encoder/token_std
-                         -> watch.encoder_stats (ETRM encoder outputs; bridge soft tokens)
+                         -> reasonlab.watch.encoder_stats (ETRM encoder outputs; bridge soft tokens)
   train/exact_accuracy | train/acc | train/accuracy   training-batch accuracy, the same kind of score as the held-out
                          primary metric (exact match, not token accuracy), for the generalization-gap detector
 Anything under evals/ and checkpoints/ follows the conventions in runfolder.py.
@@ -23,21 +23,24 @@ Anything under evals/ and checkpoints/ follows the conventions in runfolder.py.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
-from reasonlab.config import F
 from reasonlab.diagnostics.runfolder import HELD_OUT, EvalFile, RunFolder, finite
-from reasonlab.diagnostics.watch import char_run, repeated_ngram_rate
+from reasonlab.watch import Thresholds, char_run, had_update, repeated_ngram_rate, term_states
 
 SEVERITY_ORDER = {"failed": 0, "warning": 1, "info": 2}
 
 
+Severity = Literal["failed", "warning", "info"]
+
+
 @dataclass
 class Finding:
-    severity: str  # "failed" (the run's results cannot be trusted) | "warning" (look before spending more) | "info"
+    severity: Severity  # failed: the run's results cannot be trusted | warning: look before spending more | info
     code: str  # stable machine name, e.g. "zero_grad_term"
     title: str  # one line
     evidence: dict = field(default_factory=dict)  # {"steps": [...], "values": [...], ...}
@@ -46,39 +49,6 @@ class Finding:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Thresholds:
-    zero_grad_rel: float = F(1e-4, "a term's gradient norm counts as zero below this fraction of the largest term's "
-                                   "(float32 round-off of an analytically zero gradient reaches ~1e-6)")
-    zero_grad_abs: float = F(1e-12, "... or below this absolute norm")
-    zero_grad_frac: float = F(0.8, "flag a term whose gradient is zero in at least this fraction of audited steps")
-    share_value_min: float = F(0.05, "flag value share >= this while the gradient share is below share_grad_max")
-    share_grad_max: float = F(0.005, "gradient share below which a visible loss term is called dead weight")
-    ratio_first_tol: float = F(0.05, "|ppo/ratio_first_mean - 1| above this: the ratio is not against pi_old")
-    ratio_explode: float = F(5.0, "ppo/ratio_max above this is an explosion")
-    clip_frac_max: float = F(0.5, "ppo/clip_frac above this most of the time: updates too large")
-    unique_answer_min: float = F(0.1, "unique-answer ratio below this (with distinct golds) is output collapse")
-    top_answer_max: float = F(0.5, "one answer in at least this fraction of distinct questions is collapse")
-    answer_entropy_min: float = F(0.5, "answer entropy (bits) below this with many distinct golds is suspect")
-    min_outputs: int = F(10, "collapse detectors need at least this many outputs")
-    char_run_max: int = F(20, "a single character repeated this many times in a row is degenerate")
-    char_run_frac: float = F(0.2, "... in at least this fraction of outputs")
-    repeat_ngram_max: float = F(0.5, "mean repeated-n-gram rate above this is repetition collapse")
-    ngram: int = F(3, "n for the repeated n-gram rate (whitespace tokens)")
-    frac_zero_std_max: float = F(0.8, "rollout/frac_zero_std above this leaves almost no policy-gradient signal")
-    entropy_min: float = F(0.05, "rollout/entropy (nats/token) below this is entropy collapse")
-    encoder_cos_max: float = F(0.99, "encoder/pairwise_cos above this: every input gets the same encoding")
-    encoder_ratio_min: float = F(1e-3, "encoder/cross_sample_ratio below this: no variation across inputs")
-    gap_train_min: float = F(0.3, "train accuracy at least this ...")
-    gap_heldout_max: float = F(0.05, "... while held-out accuracy at most this (or at most the most-common-gold rate): "
-                                     "memorizing, not generalizing")
-    ci_halfwidth_max: float = F(0.05, "95% CI half-width above this: the eval cannot resolve a 5-point change")
-    min_eval_n: int = F(100, "evals with fewer examples are underpowered")
-    subset_tol: float = F(1e-3, "summary accuracy vs accuracy recomputed from its records: allowed difference")
-    recent_frac: float = F(0.2, "time-series detectors judge the last this fraction of logged values (most of "
-                                "them must cross the threshold): the state the run ended in")
 
 
 def _f(severity, code, title, steps=(), values=(), explanation="", recommendation="", **extra) -> Finding:
@@ -114,48 +84,60 @@ def detect_nonfinite(rf: RunFolder, th: Thresholds) -> list[Finding]:
                               "clipping; put `nan` in watch.stop_on so the run stops itself next time.")]
 
 
+def term_audits(rf: RunFolder, th: Thresholds) -> dict[str, list[tuple[int, str, str, float, float | None]]]:
+    """{term: [(step, state, why, grad norm, weighted value)]} for every audited step, in logged order: the same
+    judgement (reasonlab.watch.term_states) the online watcher makes. An audit counts as after a move when an
+    earlier logged step showed a non-zero gradient (its optimizer step changed the parameters)."""
+    out: dict[str, list] = {}
+    moved = False
+    for row in rf.metrics:
+        states = term_states(row, th, moved)
+        for t, (state, why) in states.items():
+            v = row.get(f"loss/term/{t}")
+            out.setdefault(t, []).append((int(row.get("step", -1)), state, why, float(row[f"grad/term/{t}"]),
+                                          float(v) if isinstance(v, (int, float)) else None))
+        moved = moved or had_update(row)
+    return out
+
+
 def detect_zero_grad_terms(rf: RunFolder, th: Thresholds) -> list[Finding]:
-    """A loss term with non-zero weight whose audited gradient is ~0 (seeds 002, 003), and a term whose share of the
-    loss VALUE is visible while its share of the GRADIENT is nil."""
+    """A loss term with non-zero weight that sends no gradient (seeds 002, 003), judged by what it should be
+    (reasonlab.watch.term_states): a visible value with ~no gradient is dead at the first audit (seed 002's float);
+    a value and gradient of ~0 are "not yet active" while the policy is at the term's zero point (a LoRA KL at
+    initialisation: 0 by construction) and dead only if they stay ~0 after the policy moved (seed 003's advantage
+    standardized with non-detached mean/std). Also a term whose share of the loss VALUE is visible while its share of
+    the GRADIENT is nil."""
     out = []
-    terms = [k[len("grad/term/"):] for k in rf.keys_matching(r"^grad/term/")]
-    if not terms:
-        return out
-    by_step: dict[int, dict[str, float]] = {}
-    for t in terms:
-        for s, v in zip(*rf.series(f"grad/term/{t}")):
-            by_step.setdefault(s, {})[t] = v
-    for t in terms:
-        steps, norms = rf.series(f"grad/term/{t}")
-        wsteps, weights = rf.series(f"weight/term/{t}")
-        wmap = dict(zip(wsteps, weights))
-        lmap = dict(zip(*rf.series(f"loss/term/{t}")))
-        dead, dead_steps, dead_vals, active = 0, [], [], 0
-        for s, g in zip(steps, norms):
-            if wmap.get(s, 1.0) == 0.0:
-                continue  # weight 0 at this step (a schedule): no gradient expected
-            active += 1
-            ref = max((v for v in by_step.get(s, {}).values() if finite(v)), default=0.0)
-            if g <= max(th.zero_grad_abs, th.zero_grad_rel * ref):
-                dead += 1
-                dead_steps.append(s)
-                dead_vals.append(g)
-        if active and dead / active >= th.zero_grad_frac:
+    for t, audits in term_audits(rf, th).items():
+        judged = [a for a in audits if a[1] in ("live", "dead")]
+        dead = [a for a in judged if a[1] == "dead"]
+        inactive = [a for a in audits if a[1] == "inactive"]
+        if judged and len(dead) / len(judged) >= th.zero_grad_frac:
             vshare = rf.series(f"share/loss/{t}")[1]
-            vals = [lmap.get(s) for s in dead_steps[:5]]
             share_txt = f"; it is {100 * max(vshare):.1f}% of the loss value" if vshare else ""
             out.append(_f(
                 "failed", "zero_grad_term",
-                f"loss term '{t}' has non-zero weight but zero gradient at {dead}/{active} audited steps{share_txt}",
-                dead_steps[:20], dead_vals[:20], term=t, loss_values=vals,
-                explanation=f"'{t}' changes the loss value but sends no gradient to any trainable parameter: it is "
-                            "computed from a detached tensor or a Python float (e.g. a score from text sampled "
-                            "under no_grad/inference_mode, or log-probs taken under no_grad, or advantages whose "
-                            "mean/std are not detached so they sum to zero). Raising its weight changes nothing.",
+                f"loss term '{t}' has non-zero weight but zero gradient at {len(dead)}/{len(judged)} judged audits"
+                f"{share_txt}", [a[0] for a in dead][:20], [a[3] for a in dead][:20], term=t,
+                loss_values=[a[4] for a in dead][:5], why=dead[0][2], not_yet_active_audits=len(inactive),
+                explanation=f"'{t}' sends no gradient to any trainable parameter where it should: it is computed "
+                            "from a detached tensor or a Python float (e.g. a score from text sampled under "
+                            "no_grad/inference_mode, or log-probs taken under no_grad), or it is identically zero "
+                            "(advantages standardized with mean/std that are not detached sum to zero). Raising its "
+                            "weight changes nothing.",
                 recommendation=f"Compute '{t}' from tensors that carry the graph (no .item(), no no_grad, no "
                                "inference_mode on that path); if it is a reward, feed it through a policy-gradient "
                                "term (-logp * advantage.detach()). Verify with rl.audit.audit_terms."))
             continue
+        if inactive and not judged:
+            out.append(_f("info", "term_not_yet_active",
+                          f"loss term '{t}' was not yet active at its {len(inactive)} audit(s): value and gradient ~0 "
+                          "at its reference point", [a[0] for a in inactive][:20], [a[3] for a in inactive][:20],
+                          term=t, why=inactive[0][2],
+                          explanation="At the reference point (a LoRA policy at initialisation equals its reference) "
+                                      "a KL-type term and its gradient are exactly 0 by construction; that says "
+                                      "nothing about the term. It is judged at the audits after the policy has moved.",
+                          recommendation="Nothing to do; audit later steps (watch.audit_every) to see it act."))
         vs, gs = dict(zip(*rf.series(f"share/loss/{t}"))), dict(zip(*rf.series(f"share/grad/{t}")))
         both = [(s, vs[s], gs[s]) for s in vs if s in gs]
         if both:
@@ -528,29 +510,76 @@ def detect_no_improvement(rf: RunFolder, th: Thresholds) -> list[Finding]:
     return out
 
 
+DEMO_ID = re.compile(r"^(?P<task>.+)/demo\d+$")
+
+
+def _record_tasks(e: EvalFile) -> dict[str, str]:
+    """{record id: its task}: the record's "task" field, else the id's "<task>/" prefix."""
+    return {str(r["id"]): str(r["task"]) if "task" in r else str(r["id"]).rsplit("/", 1)[0]
+            for r in e.records if "id" in r}
+
+
 def detect_leakage(rf: RunFolder, th: Thresholds) -> list[Finding]:
-    ids = rf.train_ids
-    if ids is None:
-        return []
+    """Held-out data in training, judged by id, by task and by content: held-out ids among the training ids; held-out
+    tasks whose demonstrations were trained on ("<task>/demo<j>" ids never equal the eval's "<task>/<j>"); and the
+    task's own content check recorded in the eval summary ("leakage": shared ids or input/output pairs)."""
     out = []
+    ids = rf.train_ids or set()
+    demo_tasks = {m.group("task") for i in ids if (m := DEMO_ID.match(i))}
     for e in rf.evals:
-        if e.split not in HELD_OUT:
+        if e.split not in HELD_OUT or e.control is not None:
             continue
+        step = [e.step] if e.step is not None else []
         leaked = sorted(e.ids() & ids)
         if leaked:
             out.append(_f("failed", "eval_leakage",
                           f"[{e.tag}] {len(leaked)}/{len(e.ids())} {e.split} examples are in the training data",
-                          [e.step] if e.step is not None else [], [len(leaked) / max(1, len(e.ids()))],
-                          ids=leaked[:20],
+                          step, [len(leaked) / max(1, len(e.ids()))], ids=leaked[:20], by="id",
                           explanation="Held-out ids appear in data/train_ids: the score measures memorization.",
                           recommendation="Split by a stable hash of the example id/content and drop overlaps before "
                                          "training; for ARC, keep evaluation tasks' demonstrations out of training."))
+        tasks = set(_record_tasks(e).values())
+        shared = sorted(tasks & demo_tasks)
+        if shared:
+            declared = str(e.summary.get("split_mode", "")).lower() == "transductive"
+            what = (f"[{e.tag}] the demonstrations of {len(shared)}/{len(tasks)} {e.split} tasks were trained on "
+                    f"(train ids '<task>/demo<j>', e.g. '{shared[0]}/demo0')")
+            if declared:
+                out.append(_f("info", "transductive_eval", what + "; the eval says so (split_mode transductive)",
+                              step, [len(shared) / len(tasks)], tasks=shared[:20], by="task",
+                              explanation="TRM's protocol: the evaluation tasks' demonstrations are training data and "
+                                          "only their test inputs are held out. The score measures fitting tasks "
+                                          "whose examples were seen, not generalization to unseen tasks.",
+                              recommendation="Report it as transductive; for a claim about new tasks, evaluate a "
+                                             "split whose demonstrations never enter training (split_mode heldout)."))
+            else:
+                out.append(_f("failed", "eval_leakage", what, step, [len(shared) / len(tasks)], tasks=shared[:20],
+                              by="task",
+                              explanation="The model was trained on these held-out tasks' demonstrations, so it has "
+                                          "seen the very rules it is tested on; no example id matches, which is why "
+                                          "an id check misses it (seed 004: TRM's evaluation demos are in training).",
+                              recommendation="Keep evaluation tasks' demonstrations out of training, or declare the "
+                                             "eval transductive (summary split_mode) and do not call it held-out."))
+        lk = e.summary.get("leakage")
+        rep = lk.get(str(e.summary.get("split", e.split))) if isinstance(lk, dict) else None
+        if isinstance(rep, dict):
+            n_bad = sum(int(rep.get(k) or 0) for k in ("id_overlap", "pair_overlap", "problems")
+                        if isinstance(rep.get(k), (int, float)))
+            if n_bad:
+                out.append(_f("failed", "eval_leakage",
+                              f"[{e.tag}] the task's content check found {n_bad} held-out item(s) in training: "
+                              + ", ".join(f"{k} {rep[k]}" for k in ("id_overlap", "pair_overlap", "problems")
+                                          if rep.get(k)), step, [n_bad], report=rep, by="content",
+                              explanation="Held-out inputs/outputs (or ids) also occur in the training data: the "
+                                          "score measures recall of seen items.",
+                              recommendation="Drop the overlapping items from training (tasks' leakage() names them)."))
     return out
 
 
 def detect_eval_power(rf: RunFolder, th: Thresholds) -> list[Finding]:
-    """The reported (latest) held-out eval of each split has too few items or too wide a CI; any eval whose summary
-    score is not computed over the items it evaluated (a subset divided by the full split size)."""
+    """The reported (latest) held-out eval of each split has too few units or too wide a CI, judged on the units its
+    records hold (not on a summary n that may count the whole split); and any eval whose headline score is not
+    computed over the units it evaluated (a subset divided by the full split size: TRM's evaluator, seed 004)."""
     out = []
     latest: dict[str, EvalFile] = {}
     for e in rf.evals:
@@ -558,6 +587,9 @@ def detect_eval_power(rf: RunFolder, th: Thresholds) -> list[Finding]:
             latest[e.split] = e
     for e in latest.values():
         name, m = e.primary
+        rec = e.recomputed(name)
+        if rec is not None and (rec["n"] != (m.get("n") or 0) or abs(rec["value"] - float(m["value"])) > th.subset_tol):
+            m = rec  # the summary misstates its data (subset_denominator below says so): judge what was evaluated
         n, lo, hi, val = m.get("n") or 0, m.get("lo"), m.get("hi"), float(m["value"])
         half = (hi - lo) / 2 if lo is not None and hi is not None else None
         if n < th.min_eval_n or (half is not None and half > th.ci_halfwidth_max):
@@ -574,20 +606,93 @@ def detect_eval_power(rf: RunFolder, th: Thresholds) -> list[Finding]:
         if p is None or e.control is not None:
             continue
         name, m = p
+        rec = e.recomputed(name)
+        if rec is None:
+            continue
         n, val = m.get("n") or 0, float(m["value"])
-        rec = e.record_accuracy()
-        per = e.per_id_correct()
-        if rec is not None and name in ("accuracy", "acc") and (abs(rec - val) > th.subset_tol or
-                                                                  (n and n != len(per))):
+        if abs(rec["value"] - val) > th.subset_tol or (n and n != rec["n"]):
+            unit = "tasks" if any("task" in r for r in e.records) else "examples"
             out.append(_f("failed", "subset_denominator",
-                          f"[{e.tag}] summary {name} {val:.4f} (n={n}) but its {len(per)} evaluated examples score "
-                          f"{rec:.4f}", [e.step] if e.step is not None else [], [val, rec], n_summary=n,
-                          n_records=len(per),
+                          f"[{e.tag}] summary {name} {val:.4f} (n={n}) but its {rec['n']} evaluated {unit} score "
+                          f"{rec['value']:.4f}", [e.step] if e.step is not None else [], [val, rec["value"]],
+                          n_summary=n, n_records=rec["n"], metric=name,
                           explanation="The reported score is not computed over the evaluated items: a subset divided "
-                                      "by the full split size (reads low), or records missing from the file.",
-                          recommendation="Divide by the number of evaluated examples and report that n with the "
-                                         "score (eval.metrics.accuracy does both)."))
+                                      "by the full split size (reads low; TRM's evaluator on a task subset), or "
+                                      "records missing from the file.",
+                          recommendation="Divide by the number of evaluated units and report that n with the "
+                                         "score (eval.metrics and grids.pass_at_k do both)."))
     return out
+
+
+def _evals_by_split(rf: RunFolder) -> dict[str, list[EvalFile]]:
+    """Non-control held-out evals with a headline metric, per split, in step order."""
+    out: dict[str, list[EvalFile]] = {}
+    for e in rf.evals:
+        if e.split in HELD_OUT and e.control is None and e.primary is not None:
+            out.setdefault(e.split, []).append(e)
+    return out
+
+
+def detect_ceiling(rf: RunFolder, th: Thresholds) -> list[Finding]:
+    """A score at its ceiling cannot show a gain: pass@k (k >= 2) of the latest eval of a split while its pass@1 still
+    has room (seed 002: pass@1 0.70 but pass@10 0.998 for both models, a lenient checker over 10 samples), and any
+    headline or pass@k score of an eval taken before training (step 0) when the run evaluates again later. A pass@1
+    at the ceiling at the end is the task solved, not a defect of the eval."""
+    out = []
+    for split, evs in _evals_by_split(rf).items():
+        judged: list[tuple[EvalFile, str, dict]] = []
+        last = evs[-1]
+        if float(last.primary[1]["value"]) < th.ceiling:  # a solved task is a result; pass@k saturated by sampling
+            for k, m in _all_metrics(last).items():           # while pass@1 has room is the eval's defect
+                if re.fullmatch(r"pass@(\d+)", k) and int(k[5:]) >= 2:
+                    judged.append((last, k, m))
+        first = evs[0]
+        if first is not last and first.step == 0:
+            name, m = first.primary
+            judged.append((first, name, m))
+            judged += [(first, k, m) for k, m in _all_metrics(first).items()
+                       if re.fullmatch(r"pass@(\d+)", k) and int(k[5:]) >= 2]
+        hits = [(e, k, m) for e, k, m in judged if finite(float(m["value"])) and float(m["value"]) >= th.ceiling]
+        if not hits:
+            continue
+        e, k, m = hits[0]
+        when = "before training" if e.step == 0 and e is not last else "at the end"
+        out.append(_f("warning", "eval_at_ceiling",
+                      f"[{e.tag}] {k} is {float(m['value']):.3f} {when} (n={m.get('n')}): at its ceiling, this eval "
+                      "cannot show a gain", [x[0].step for x in hits if x[0].step is not None][:10],
+                      [float(x[2]["value"]) for x in hits][:10], split=split, metrics=[f"{x[0].tag}:{x[1]}" for x in hits],
+                      explanation="With every question already solved (by at least one of k samples, or by the "
+                                  "untrained model) there is no room above the score: a method that helps and one "
+                                  "that does not read the same. A lenient checker or too many samples make it so.",
+                      recommendation="Use a harder split or a stricter checker, a smaller k, or report a metric with "
+                                     "headroom (pass@1, diversity) for this comparison."))
+    return out
+
+
+def _all_metrics(e: EvalFile) -> dict[str, dict]:
+    mets = {k: v for k, v in e.summary.items() if isinstance(v, dict) and "value" in v}
+    mets.update({k: v for k, v in (e.summary.get("metrics") or {}).items() if isinstance(v, dict) and "value" in v})
+    return {k: v for k, v in mets.items() if isinstance(v.get("value"), (int, float))}
+
+
+def detect_eval_schedule(rf: RunFolder, th: Thresholds) -> list[Finding]:
+    """A long run with no held-out eval between its start and its end (seed 003: eval_frequency null, 8,000 batches,
+    one final eval): nobody can tell whether it was ever good, or when it broke."""
+    last = rf.last_step
+    if last is None or last < th.periodic_eval_min_steps:
+        return []
+    mid = sorted({e.step for evs in _evals_by_split(rf).values() for e in evs
+                  if e.step is not None and 0 < e.step < last})
+    if mid:
+        return []
+    cfg_every = (rf.config.get("eval") or {}).get("every") if isinstance(rf.config.get("eval"), dict) else None
+    every = f" (eval.every={cfg_every})" if cfg_every is not None else ""
+    return [_f("warning", "no_periodic_eval",
+               f"no held-out eval during {last} training steps{every}: only before and/or after training",
+               [last], [], explanation="Without evaluations along the way the run cannot show whether it peaked "
+                                       "earlier, when it went wrong, or which checkpoint to keep (seed 003).",
+               recommendation="Set eval.every (e.g. every 5-10% of train.steps) so validation picks the checkpoint "
+                              "and the report can draw the curve.")]
 
 
 def detect_run_end(rf: RunFolder, th: Thresholds) -> list[Finding]:
@@ -657,10 +762,36 @@ def control_diffs(rf: RunFolder, n_boot: int = 2000, references: bool = False) -
     return out
 
 
+REQUIRED_CONTROLS = {"bridge": ("shuffled_source", "zero_source")}  # method -> controls every held-out eval needs
+
+
 def detect_controls(rf: RunFolder, th: Thresholds) -> list[Finding]:
-    """Bridge: accuracy must beat the shuffled-source and zero-source controls on the same items (paired bootstrap)."""
+    """Bridge: every held-out eval has its shuffled-source and zero-source controls (seed 001's own notes discarded
+    wins those controls reproduced), and the latest one beats them on the same items (paired bootstrap)."""
     out = []
     by_tag = {e.tag: e for e in rf.evals}
+    need = REQUIRED_CONTROLS.get(str(rf.config.get("method") or rf.env.get("method") or ""), ())
+    if need:
+        have: dict[str, set[str]] = {}
+        for c in rf.evals:
+            if c.control is not None:
+                have.setdefault(c.base_tag, set()).add(c.control)
+        bases = [e for evs in _evals_by_split(rf).values() for e in evs]
+        lacking = [(e, [c for c in need if c not in have.get(e.tag, set())]) for e in bases]
+        lacking = [(e, miss) for e, miss in lacking if miss]
+        if lacking:
+            none = not have
+            out.append(_f("failed", "controls_missing",
+                          ("no control evals at all" if none else f"{len(lacking)}/{len(bases)} held-out evals lack "
+                           "controls") + f": {', '.join(need)} missing for {', '.join(e.tag for e, _ in lacking[:4])}"
+                          + (" ..." if len(lacking) > 4 else ""),
+                          [e.step for e, _ in lacking if e.step is not None][:20], [], missing={e.tag: m for e, m in
+                                                                                             lacking[:20]},
+                          explanation="A bridge score means nothing until it beats the same model with the source "
+                                      "information shuffled or removed: without those evals nothing says whether "
+                                      "the score comes from what the bridge transmits.",
+                          recommendation="Evaluate every held-out split with the shuffled_source and zero_source "
+                                         "controls on the same items (tags '<base>+control=<name>')."))
     diffs_by_tag = control_diffs(rf)
     # judge the latest eval of each split (the final one when there is one): before training a bridge cannot beat
     # its controls, and the step-0 eval exists precisely to show that
@@ -720,7 +851,8 @@ def detect_checkpoint_selection(rf: RunFolder, th: Thresholds) -> list[Finding]:
 DETECTORS: list[Callable[[RunFolder, Thresholds], list[Finding]]] = [
     detect_run_end, detect_compute, detect_nonfinite, detect_zero_grad_terms, detect_ppo_ratio, detect_reward_signal,
     detect_encoder_collapse, detect_output_collapse, detect_repetition, detect_weights, detect_generalization_gap,
-    detect_no_improvement, detect_leakage, detect_eval_power, detect_controls, detect_checkpoint_selection,
+    detect_no_improvement, detect_leakage, detect_eval_power, detect_ceiling, detect_eval_schedule, detect_controls,
+    detect_checkpoint_selection,
 ]
 
 
@@ -743,14 +875,14 @@ def set_threshold(th: Thresholds, name: str, value) -> None:
 
 
 def thresholds_from_config(cfg: dict) -> Thresholds:
-    """Defaults, overridden by a `diagnostics:` mapping in the run's config.yaml when the recipe's Config has one
-    (unknown keys ignored); `reasonlab report --set NAME=VALUE` overrides on top."""
+    """The thresholds the run itself used: defaults, overridden by the `watch:` section of its config.yaml (the same
+    reasonlab.watch.Thresholds its online watcher read; other keys of that section ignored); `reasonlab report
+    --set NAME=VALUE` overrides on top."""
     th = Thresholds()
-    over = cfg.get("diagnostics") if isinstance(cfg, dict) else None
-    names = {f.name for f in fields(Thresholds)}
-    for k, v in (over or {}).items() if isinstance(over, dict) else []:
-        if k in names:
-            setattr(th, k, type(getattr(th, k))(v))
+    over = cfg.get("watch") if isinstance(cfg, dict) else None
+    for k, v in over.items() if isinstance(over, dict) else []:
+        if k in {f.name for f in fields(Thresholds)} and v is not None:
+            set_threshold(th, k, v)
     return th
 
 
@@ -773,4 +905,5 @@ def overall_status(findings: list[Finding]) -> tuple[str, str]:
         if hits:
             more = f" (+{len(hits) - 1} more)" if len(hits) > 1 else ""
             return word, hits[0].title + more
-    return "healthy", "no detector fired"
+    infos = sum(f.severity == "info" for f in findings)
+    return "healthy", f"no failure or warning ({infos} info)" if infos else "no detector fired"

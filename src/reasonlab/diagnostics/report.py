@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import math
 import shlex
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from reasonlab.diagnostics.detectors import (SEVERITY_ORDER, Finding, control_diffs, overall_status, run_detectors,
-                                             set_threshold, thresholds_from_config)
+                                             set_threshold, term_audits, thresholds_from_config)
 from reasonlab.diagnostics.runfolder import HELD_OUT, EvalFile, RunFolder, finite, open_run_folder
+from reasonlab.watch import Thresholds
 
 
 @dataclass
@@ -48,14 +50,18 @@ def make_report(run_dir: str | Path, overrides: dict[str, str] | None = None) ->
 
     rf = open_run_folder(run_dir)
     th = thresholds_from_config(rf.config)
+    base = Thresholds()
+    own = {f.name: getattr(th, f.name) for f in fields(Thresholds) if getattr(th, f.name) != getattr(base, f.name)}
     for k, v in (overrides or {}).items():
         set_threshold(th, k, v)
     found = run_detectors(rf, th)
     status, reason = overall_status(found)
     plots, plot_errors = run_plots(rf, rf.dir / "plots", th.ratio_explode)
-    over = (f"Thresholds overridden for this report: {', '.join(f'{k}={v}' for k, v in overrides.items())}.\n"
-            if overrides else "")
-    parts = [header(rf, status, reason, found), over, results_section(rf), findings_section(found), terms_section(rf),
+    over = (f"Thresholds from the run's `watch:` section: {', '.join(f'{k}={v}' for k, v in own.items())}.\n"
+            if own else "")
+    over += (f"Thresholds overridden for this report: {', '.join(f'{k}={v}' for k, v in overrides.items())}.\n"
+             if overrides else "")
+    parts = [header(rf, status, reason, found), over, results_section(rf), findings_section(found), terms_section(rf, th),
              events_section(rf), samples_section(rf), plots_section(plots, rf.dir, plot_errors), config_section(rf),
              reproduce_section(rf)]
     path = rf.dir / "report.md"
@@ -160,7 +166,7 @@ def results_section(rf: RunFolder) -> str:
     if not groups:
         return "## Results\n\nNo evaluations in evals/ (nothing to report).\n"
     order = {"val": 0, "test": 1, "train": 2}
-    rows, finals = [], []
+    rows, finals, methods = [], [], set()
     for (split, task), evs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 3), kv[0][1])):
         named = [(e, *e.primary) for e in evs]  # primary repairs a missing/degenerate CI
         final = next((x for x in reversed(named) if x[0].final), named[-1])
@@ -172,16 +178,20 @@ def results_section(rf: RunFolder) -> str:
         elif peak[0] is not final[0] and float(final[2]["value"]) != float(peak[2]["value"]):
             note = f"final is {float(final[2]['value']) - float(peak[2]['value']):+.3f} from the peak"
         rows.append([split, task or "-", final[1], f"{fmt_metric(peak[2])} @ step {peak[0].step} ({peak[0].tag})",
-                     f"{fmt_metric(final[2])} @ step {final[0].step} ({final[0].tag})", note])
-    out = ["## Results\n", "Primary metric per split, peak -> final (95% CI, n = examples):\n",
-           _table(["split", "task", "metric", "peak", "final", "note"], rows)]
+                     f"{fmt_metric(final[2])} @ step {final[0].step} ({final[0].tag})",
+                     final[2].get("method") or "-", note])
+        methods.add(str(final[2].get("method") or ""))
+    out = ["## Results\n", "Primary metric per split, peak -> final (95% CI, n = units evaluated):\n",
+           _table(["split", "task", "metric", "peak", "final", "CI method", "note"], rows)]
     for e in finals:
         mets = {**{k: v for k, v in e.summary.items() if isinstance(v, dict) and "value" in v},
                 **(e.summary.get("metrics") or {})}
         mrows = [[k, fmt_metric(v, 4), str(v.get("method") or "") + _degenerate(v)] for k, v in mets.items()
                  if isinstance(v, dict)]
+        methods.update(str(v.get("method") or "") for v in mets.values() if isinstance(v, dict))
         if len(mrows) > 1:
             out.append(f"\nAll metrics of `{e.tag}`:\n\n" + _table(["metric", "value [95% CI] n", "CI method"], mrows))
+    out.append(ci_glossary(methods))
     diffs = control_diffs(rf, references=True)
     if diffs:
         crow = []
@@ -193,6 +203,16 @@ def results_section(rf: RunFolder) -> str:
                    "reference, not a bar to clear):\n\n" +
                    _table(["eval", "control", "method", "control acc", "diff [95% CI]", "p", "n"], crow))
     return "\n".join(out)
+
+
+def ci_glossary(methods: set[str]) -> str:
+    """One line per interval method the tables above used (eval.metrics.CI_METHODS)."""
+    from reasonlab.eval.metrics import CI_METHODS
+
+    keys = sorted({m.split(" ")[0] for m in methods if m} & set(CI_METHODS))
+    if not keys:
+        return ""
+    return "\nCI methods: " + "; ".join(f"`{k}` = {CI_METHODS[k]}" for k in keys) + ".\n"
 
 
 def _degenerate(m: dict) -> str:
@@ -222,24 +242,28 @@ def findings_section(found: list[Finding]) -> str:
     return "\n".join(out)
 
 
-def terms_section(rf: RunFolder) -> str:
+def terms_section(rf: RunFolder, th: Thresholds) -> str:
     """Per loss term: its share of the loss value next to its share of the gradient (rl.audit metrics)."""
     terms = [k[len("grad/term/"):] for k in rf.keys_matching(r"^grad/term/")]
     if not terms:
         return ""
     rows = []
+    audits = term_audits(rf, th)
     for t in terms:
         steps, norms = rf.series(f"grad/term/{t}")
         weights = rf.series(f"weight/term/{t}")[1]
         vs, gs = rf.series(f"share/loss/{t}")[1], rf.series(f"share/grad/{t}")[1]
         zero = sum(1 for g in norms if finite(g) and g == 0.0)
+        states = Counter(a[1] for a in audits.get(t, []))
+        verdict = ", ".join(f"{states[k]} {k.replace('inactive', 'not yet active')}"
+                            for k in ("live", "dead", "inactive", "off") if states[k])
         rows.append([t, f"{weights[-1]:.3g}" if weights else "-", _pct(vs), _pct(gs),
-                     f"{norms[-1]:.3g}" if norms else "-", f"{zero}/{len(norms)}"])
+                     f"{norms[-1]:.3g}" if norms else "-", f"{zero}/{len(norms)}", verdict or "-"])
     return ("## Loss terms: share of the loss value vs share of the gradient\n\n"
             "A term's share of the loss VALUE says nothing about how much it moves the parameters; the gradient "
             "share does (gradient audit, rl.audit). Means over audited steps:\n\n"
-            + _table(["term", "weight", "value share", "gradient share", "last grad norm", "audits with grad = 0"],
-                     rows))
+            + _table(["term", "weight", "value share", "gradient share", "last grad norm", "audits with grad = 0",
+                      "audits judged (reasonlab.watch.term_states)"], rows))
 
 
 def _pct(xs: list[float]) -> str:

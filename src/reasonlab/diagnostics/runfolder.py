@@ -6,7 +6,7 @@ tests/tinyrun.py has small recipes that follow all of it):
   config.yaml, env.json, summary.json, metrics.jsonl, events.jsonl   written by reasonlab.runs.Run; summary.json
       exists only when the run ended through run.finish(...) (a killed run has none: `run_unfinished`).
   metrics.jsonl names: see reasonlab.diagnostics.detectors (grad/term/*, ppo/*, rollout/*, encoder/*, train/acc).
-  events.jsonl: written by diagnostics.watch.Watcher (kind = the condition, severity error|warning|info).
+  events.jsonl: written by reasonlab.watch.Watcher (kind = the condition, severity error|warning|info).
   evals/<tag>.jsonl + <tag>.json                                     run.write_eval(tag, records, summary)
       records: {"id", "prompt", "output", "extracted", "gold", "correct", "valid", "extractor", ...}; several
                records per id = several samples. "extracted" is None when nothing was extracted (valid: false).
@@ -17,7 +17,9 @@ tests/tinyrun.py has small recipes that follow all of it):
                run's last step for the final eval of a selected checkpoint), "task", and for the evals of the weights
                the run ends with (final val, and the one test eval): "final": true.
                Bridge controls: "control": "shuffled_source" | "zero_source" | "target_text" and "base": the tag of
-               the eval they control for, on the same ids.
+               the eval they control for, on the same ids (a bridge run without the first two: `controls_missing`).
+               TRM-style records carry "task" (one record per test output) and "correct@k": the headline pass@k is
+               recomputed per task from them, so its n is the number of tasks evaluated.
       tag (fallback when the summary lacks those keys): "<split>[.<task>]@step_<N>" | "<split>[.<task>]@final",
                controls "<base tag>+control=<name>"; e.g. "val.gsm8k@step_200", "test@final+control=zero_source".
                The sft/trm recipes' "val_step200" / "test_best_step120" parse too (split from the first word,
@@ -25,8 +27,12 @@ tests/tinyrun.py has small recipes that follow all of it):
       Periodic evals are judged by the report as a curve; only the latest eval per split is judged for power
       (n >= 100 and a 95% CI half-width <= 5 points by default).
   data/train_ids.txt (one example id per line) or data/train_ids.json (a JSON list): every training example id,
-      written once by the recipe (`reasonlab.diagnostics.watch.record_train_ids(run, ids)`); the leakage detector
-      intersects it with the ids of every val/test eval, so eval ids must be the same strings as training ids.
+      written once by the recipe (`reasonlab.watch.record_train_ids(run, ids)`); the leakage detector
+      intersects it with the ids of every val/test eval, so eval ids must be the same strings as training ids;
+      demonstrations trained on are "<task>/demo<j>" and are matched by task against eval records' "task" (or
+      their id's "<task>/" prefix). A held-out eval that trains on its tasks' demonstrations by design says so with
+      "split_mode": "transductive" in its summary; a task's own content check goes in its "leakage" field
+      ({split: {"id_overlap", "pair_overlap"} or {"problems"}}).
   checkpoints/<name>/ with manifest.json, checksums.json (sha256 per parameter, all parameters), state.json;
       module.<m>.safetensors holds the trainable parameters (params="trainable"), so a parameter listed in
       checksums.json but absent from the safetensors file is frozen. With params="all" put
@@ -119,32 +125,72 @@ class EvalFile:
                 return v
         return None
 
+    def unit_scores(self, name: str) -> dict[str, float] | None:
+        """{unit: score} of metric `name` recomputed from the records, or None when the records cannot give it.
+        Units are example ids; records that carry a "task" (TRM/ARC: one record per test output of a task) are
+        scored per task, as the TRM evaluator does: a task's pass@k is the mean over its test outputs of
+        "correct" (k = 1) or "correct@k"."""
+        recs = [r for r in self.records if "id" in r and "correct" in r]
+        if not recs:
+            return None
+        m = re.fullmatch(r"pass@(\d+)", name)
+        k = int(m.group(1)) if m else None
+        if name not in ("accuracy", "acc") and k is None:
+            return None
+        if k is not None and all("task" in r for r in recs):
+            key = "correct" if k == 1 else f"correct@{k}"
+            if not all(key in r for r in recs):
+                return None
+            by_task: dict[str, list[float]] = {}
+            for r in recs:
+                by_task.setdefault(str(r["task"]), []).append(float(bool(r[key])))
+            return {t: sum(v) / len(v) for t, v in by_task.items()}
+        if k is None or k == 1:
+            return self.per_id_correct()
+        from reasonlab.eval.metrics import pass_at_k
+
+        counts: dict[str, list[int]] = {}
+        for r in recs:
+            c = counts.setdefault(str(r["id"]), [0, 0])
+            c[0] += 1
+            c[1] += bool(r["correct"])
+        if any(n < k for n, _ in counts.values()):
+            return None
+        return {i: pass_at_k(n, c, k) for i, (n, c) in counts.items()}
+
+    def recomputed(self, name: str) -> dict | None:
+        """Metric `name` recomputed from the records as a Metric dict (value, n = units evaluated, 95% CI: Wilson
+        when every unit scores 0 or 1, else the bounded bootstrap of eval.metrics.mean_metric), or None."""
+        from reasonlab.eval.metrics import accuracy, mean_metric
+
+        per = self.unit_scores(name)
+        if not per:
+            return None
+        vals = list(per.values())
+        if all(v in (0.0, 1.0) for v in vals):
+            return accuracy(v == 1.0 for v in vals).to_dict()
+        return mean_metric(vals, bounds=(0.0, 1.0)).to_dict()
+
     @cached_property
     def primary(self) -> tuple[str, dict] | None:
-        """(name, metric dict) of the headline metric. Its interval is replaced by a Wilson interval from the records
+        """(name, metric dict) of the headline metric. Its interval is replaced by one recomputed from the records
         when the summary has none or a degenerate one (a percentile bootstrap of all-0 or all-1 outcomes gives
-        [0, 0]: 0/100 correct is not known to be exactly 0); without a summary metric, accuracy from the records."""
-        from reasonlab.eval.metrics import accuracy
-
-        per_id = self.per_id_correct()
-        binary = bool(per_id) and all(v in (0.0, 1.0) for v in per_id.values())
+        [0, 0]: 0/100 correct is not known to be exactly 0), as long as the records give the same value and n;
+        without a summary metric, accuracy from the records."""
         for name in PRIMARY_METRICS:
             m = self.metric(name)
             if m is None:
                 continue
             lo, hi, n = m.get("lo"), m.get("hi"), m.get("n") or 0
-            degenerate = lo is None or hi is None or (lo == hi and n > 1)
-            if degenerate and binary and len(per_id) == n and abs(sum(per_id.values()) / n - m["value"]) < 1e-9:
-                w = accuracy(v == 1.0 for v in per_id.values()).to_dict()
-                m = {**m, "lo": w["lo"], "hi": w["hi"], "method": "wilson (from records; summary CI was "
-                                                                   f"{'missing' if lo is None else 'degenerate'})"}
+            if lo is None or hi is None or (lo == hi and n > 1):
+                r = self.recomputed(name)
+                if r is not None and r["n"] == n and abs(r["value"] - m["value"]) < 1e-9:
+                    why = "missing" if lo is None else "degenerate"
+                    m = {**m, "lo": r["lo"], "hi": r["hi"],
+                         "method": f"{r['method']} (from records; summary CI was {why})"}
             return name, m
-        acc = self.record_accuracy()
-        if acc is None:
-            return None
-        if not binary:
-            return "accuracy", {"value": acc, "n": len(per_id), "lo": None, "hi": None, "method": "none"}
-        return "accuracy", accuracy(v == 1.0 for v in per_id.values()).to_dict()
+        r = self.recomputed("accuracy")
+        return ("accuracy", r) if r else None
 
     def per_id_correct(self) -> dict[str, float]:
         sums: dict[str, float] = {}

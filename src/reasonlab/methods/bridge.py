@@ -44,7 +44,7 @@ import torch
 
 from reasonlab import training
 from reasonlab.config import BaseConfig, ConfigError, EvalConfig, F, TrainConfig
-from reasonlab.diagnostics.watch import WatchConfig, Watcher, encoder_stats, record_train_ids
+from reasonlab.watch import WatchConfig, Watcher, encoder_stats, record_train_ids
 from reasonlab.models.bridge import (Bridge, BridgeError, DiTConfig, Row, SourceConfig, TranslatorConfig, answer_logits,
                                      answer_nll, assemble, ctc_alignment, curriculum_text_prob, derangement, info_nce,
                                      kl_first_k, load_source, prompt_alignment, separation)

@@ -63,7 +63,7 @@ import torch
 
 from reasonlab import training
 from reasonlab.config import BaseConfig, ConfigError, EvalConfig, F, TrainConfig
-from reasonlab.diagnostics.watch import WatchConfig, Watcher, group_reward_stats, record_train_ids, rollout_stats
+from reasonlab.watch import WatchConfig, Watcher, group_reward_stats, record_train_ids, rollout_stats
 from reasonlab.eval.generate import Backend
 from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl import setlevel as S

@@ -54,7 +54,7 @@ import torch
 
 from reasonlab import training
 from reasonlab.config import BaseConfig, EvalConfig, F, TrainConfig
-from reasonlab.diagnostics.watch import Watcher, WatchConfig, encoder_stats, record_train_ids
+from reasonlab.watch import Watcher, WatchConfig, encoder_stats, record_train_ids
 from reasonlab.models.trm import TRM, SignSGD, TRMConfig, act_loss, act_loss_terms, grad_norm
 from reasonlab.runs import Run, RunError, open_checkpoint, tensor_sha256
 

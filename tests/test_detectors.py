@@ -179,6 +179,31 @@ def test_nan_loss_stops_run_and_is_reported(root):
     assert rf.summary["stop_reason"] == "watch:nan" and rf.last_step == nan_ev[0]["step"]
 
 
+def test_output_collapse_of_an_untrained_model_is_not_a_training_failure(root):
+    """The repetition loop's policy ignores the prompt, so even after 3 steps it answers every question alike. With
+    no earlier eval to compare and 3 steps of training that is the model's starting habit: a warning that says so.
+    After 100 steps (watch.collapse_min_steps: the collapse the reward drives) it is a failure."""
+    early = only(findings(tinyrun.repetition_run(root, "repetition-3", steps=3)), "output_collapse")
+    assert [f.severity for f in early] == ["warning"] and "possibly the untrained model's habit" in early[0].title
+    late = only(findings(tinyrun.repetition_run(root, "repetition-100", steps=100)), "output_collapse")
+    assert [f.severity for f in late] == ["failed"]
+
+
+def test_a_run_whose_rewards_always_tie_trained_nothing(root):
+    """Every group's rewards tie (a task the policy never solves) and the KL is 0 at the reference: not one update.
+    The parameters never moved, and the report says why instead of blaming gradient plumbing."""
+    found = findings(tinyrun.lora_kl_run(root, "lora-tied", steps=3, tied=True, kl_weight=0.0))
+    f = only(found, "trainable_unchanged")[0]
+    assert f.severity == "failed" and "every group's rewards tied" in f.explanation
+    assert "zero_grad_term" not in codes(found)  # pg is idle (no signal), not broken
+    # with a KL the policy does move (Adam turns its round-off gradient into steps); the tied policy gradient is
+    # still judged idle, never dead
+    run = tinyrun.lora_kl_run(root, "lora-tied-kl", steps=3, tied=True)
+    assert audits(run, "pg") == [(1, "inactive"), (2, "inactive"), (3, "idle")]
+    assert "zero_grad_term" not in codes(findings(run))
+    assert "trainable_unchanged" not in codes(findings(tinyrun.lora_kl_run(root, "lora-untied", steps=3)))
+
+
 def test_repetition_and_entropy_collapse(root):
     run = tinyrun.repetition_run(root, "repetition")
     found = findings(run)
@@ -194,6 +219,7 @@ def test_encoder_and_output_collapse_from_question_independent_teacher(root):
     assert enc.severity == "failed" and enc.evidence["values"][-1] > 0.99  # mean pairwise cosine
     out = only(bad, "output_collapse")
     assert {f.evidence["tag"] for f in out} == {"val@final", "test@final"}
+    assert {f.severity for f in out} == {"failed"}  # 150 steps of training made it
     assert all(f.evidence["values"][3] == 1.0 for f in out)  # one answer for every question
 
     good = findings(tinyrun.bridge_run(root, "bridge-ok"))
@@ -205,7 +231,11 @@ def test_bridge_without_controls(root):
     f = only(findings(tinyrun.bridge_run(root, "bridge-no-controls", controls=False)), "controls_missing")
     assert len(f) == 1 and f[0].severity == "failed" and "no control evals at all" in f[0].title
     assert set(f[0].evidence["missing"]) == {"val@final", "test@final"}
-    # its healthy twin (controls present and beaten) is test_encoder_and_output_collapse_...'s bridge-ok
+    # its healthy twin (controls present and beaten, plus a reference eval of the source model alone, which is
+    # neither the bridge nor a control and needs no controls of its own) stays quiet
+    good = findings(tinyrun.bridge_run(root, "bridge-ok-source", source_alone=True))
+    assert codes(good) == set(), [(x.severity, x.title) for x in good]
+    assert len([e for e in RunFolder(root / "bridge-ok-source").evals if e.reference == "source_alone"]) == 2
 
 
 def test_controls_failed_and_untrained_translator(root):
@@ -279,7 +309,9 @@ def test_pass1_of_a_task_subset_divided_by_the_whole_split(root):
 
     honest = findings(tinyrun.grid_run(root, "grid-subset-honest", subset=32))  # same subset, divided by 32
     assert codes(honest) == {"underpowered_eval"} and only(honest, "underpowered_eval")[0].evidence["n"] == 32
-    healthy = findings(tinyrun.grid_run(root, "grid-healthy"))  # every task evaluated
+    # every task evaluated; its outputs are grids, which printed as text repeat "3, 3, 3" and used to read as a
+    # repetition collapse
+    healthy = findings(tinyrun.grid_run(root, "grid-healthy"))
     assert codes(healthy) == set(), [(f.severity, f.title) for f in healthy]
 
 

@@ -12,7 +12,7 @@ from matplotlib.image import imread
 import tinyrun
 from conftest import cli, only_run_dir
 from reasonlab.diagnostics.compare import compare_runs
-from reasonlab.diagnostics.report import write_report
+from reasonlab.diagnostics.report import make_report, write_report
 from reasonlab.eval.metrics import compare_eval_files
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -104,6 +104,38 @@ def test_report_of_kl_run_at_its_reference_point(root):
     assert "**Status: HEALTHY**" in md and "term_not_yet_active" in md
     row = next(line for line in md.splitlines() if line.startswith("| kl |"))
     assert row.rstrip().endswith("| 1 not yet active |"), row
+
+
+def test_report_of_a_3_step_etrm_run_calls_nothing_failed(root, tmp_path):
+    """The real TRM recipe, ETRM on a small grid-rules split, 3 steps: an untrained model scoring 0 like its
+    shuffled-demos control, printing grids. Nothing in that is a failure (before issue 17 the control comparison
+    was one)."""
+    from reasonlab.config import load_config
+    from reasonlab.methods import trm
+    from reasonlab.runs import Run
+
+    spec = {"method": "trm", "seed": 0,
+            "data": {"task": "grid-rules", "task_args": {"n_train": 24, "n_val": 12, "n_heldout": 12,
+                                                        "heldout_rules": 4, "max_size": 5},
+                     "n_aug": 1, "dihedral": False, "translate": False, "canvas": 6, "max_demos": 3,
+                     "test_split": "heldout"},
+            "model": {"conditioning": "encoder", "hidden_size": 32, "num_heads": 2, "num_layers": 1, "expansion": 2,
+                      "ffn_multiple": 16, "H_cycles": 2, "L_cycles": 1, "pos_encodings": "learned",
+                      "puzzle_emb_len": 2, "halt_max_steps": 2},
+            "train": {"steps": 3, "lr": 1e-3, "encoder_lr": 1e-3, "batch_size": 6, "log_every": 1, "threads": 1},
+            "eval": {"every": 0, "train_limit": 12, "ks": [1, 2], "batch_size": 16},
+            "watch": {"audit_every": 1}, "tracking": {"tensorboard": False}}
+    path = tmp_path / "etrm.yaml"
+    path.write_text(json.dumps(spec))
+    cfg = load_config(path)
+    run = Run(cfg, root / "etrm-3", install_signals=False)
+    run.finish(results=trm.main(cfg, run))
+    rep = make_report(run.dir)
+    assert rep.status == "warning", rep.reason
+    assert {f.code for f in rep.findings if f.severity != "info"} == {"underpowered_eval", "controls_failed"}
+    assert all("scores 0 like its controls" in f.explanation for f in rep.findings if f.code == "controls_failed")
+    md = rep.path.read_text()
+    assert re.search(r"\| test \| grid-rules \| pass@1 \| .* n=12 @ step 3 .* \| wilson \|", md)
 
 
 def test_report_of_zero_gradient_run_separates_value_and_gradient_share(root):

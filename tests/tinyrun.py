@@ -361,7 +361,7 @@ class Translator(torch.nn.Module):
 
 
 def bridge_run(root: Path, name: str = "bridge", *, teacher_sees: str = "question", translator_grad: bool = True,
-               steps: int = 150, controls: bool = True) -> Path:
+               steps: int = 150, controls: bool = True, source_alone: bool = False) -> Path:
     """Latent bridge in miniature: a frozen target head (stand-in for the frozen target LM; 8-dim embedding, 16
     answers) reads one soft token = translator(source features) + a learned soft prompt. loss = KL(teacher || target).
     Healthy: the teacher is the target given the true question. Bugs:
@@ -370,6 +370,8 @@ def bridge_run(root: Path, name: str = "bridge", *, teacher_sees: str = "questio
       translator_grad=False   soft tokens come from a no_grad helper (the generation path reused in training), so
                               the translator never trains and accuracy is no better than the shuffled-source control
       controls=False          the evals skip the shuffled-source and zero-source controls altogether
+    source_alone=True adds, as the bridge recipe does, a reference eval of another model (summary role
+    "source_alone": a nearest-centroid classifier on the source features), which needs no controls of its own.
     Logs encoder/* (watch.encoder_stats of the soft tokens); evals on val and test with the shuffled-source and
     zero-source controls on the same items."""
     with one_thread():
@@ -425,6 +427,13 @@ def bridge_run(root: Path, name: str = "bridge", *, teacher_sees: str = "questio
                     extra = {"control": control, "base": f"{split}@final"} if control else {}
                     write_eval(run, tag, [ids[i] for i in rows], pred, gold[rows], split=split, step=step,
                                final=True, **extra)
+                if source_alone:
+                    tr = list(train_idx)
+                    cent = torch.stack([x[tr][gold[tr] == c].mean(0) if (gold[tr] == c).any() else
+                                        torch.zeros(d_src) for c in range(n_ans)])  # (n_ans, d_src)
+                    pred = torch.cdist(src, cent).argmin(1)
+                    write_eval(run, f"{split}.source@final", [ids[i] for i in rows], pred, gold[rows], split=split,
+                               step=step, final=True, role="source_alone")
         run.finish("completed", results={"final_step": step})
         return run.dir
 
@@ -503,7 +512,7 @@ def memorize_run(root: Path, name: str = "memorize", *, steps: int = 250) -> Pat
 
 
 def lora_kl_run(root: Path, name: str = "lora-kl", *, steps: int = 3, audit_every: int = 1, kl_weight: float = 0.1,
-                pg_weight: float = 1.0, extra: str = "none", lr: float = 0.05) -> Path:
+                pg_weight: float = 1.0, extra: str = "none", lr: float = 0.05, tied: bool = False) -> Path:
     """A LoRA policy on a contextual bandit (128 prompts x 16 actions): logits = base[p] + B A[:, p] with B
     zero-initialised, so before the first update the policy IS its reference (the adapter disabled), as in the
     markovian and polychromic recipes. loss = pg_weight * group-normalized REINFORCE + kl_weight * exact KL(pi || ref)
@@ -512,11 +521,13 @@ def lora_kl_run(root: Path, name: str = "lora-kl", *, steps: int = 3, audit_ever
       "float"         a diversity bonus that is a Python float (seed 002), weight 0.3: a visible value, no gradient
       "standardized"  the mean of advantages standardized with non-detached mean/std (seed 003), weight 1:
                       identically 0, so value and gradient stay ~0 after the policy has moved
+      tied=True       every sample gets the same reward (a task the policy never solves): advantages are all 0
+                      and the KL is 0 at the reference, so no update ever happens
     Healthy (extra="none"): nothing but the KL is ~0, and only before the first update."""
     with one_thread():
         torch.manual_seed(0)
         run = open_run(root, name, "lora_kl", steps, lr, stop_on=(), extra=extra, kl_weight=kl_weight,
-                       pg_weight=pg_weight, audit_every=audit_every)
+                       pg_weight=pg_weight, audit_every=audit_every, tied=tied)
         n_prompts, n_actions, rank, group, batch = 128, 16, 2, 4, 16
         g = torch.Generator().manual_seed(7)
         base = torch.randn(n_prompts, n_actions, generator=g)  # the frozen base policy's logits
@@ -531,6 +542,8 @@ def lora_kl_run(root: Path, name: str = "lora-kl", *, steps: int = 3, audit_ever
         def policy_logits(p):  # (B,) -> (B, A)
             return base[p] + (lora_b @ lora_a[:, p]).T
 
+        modules = {"lora": torch.nn.ParameterDict({"a": lora_a, "b": lora_b})}
+        run.save_checkpoint(0, modules=modules)
         step = 0
         for step in range(1, steps + 1):
             prompts = torch.randint(0, n_prompts, (batch,)).repeat_interleave(group)  # (B*G,)
@@ -540,6 +553,8 @@ def lora_kl_run(root: Path, name: str = "lora-kl", *, steps: int = 3, audit_ever
                 actions = torch.distributions.Categorical(logits=logits).sample()  # (B*G,)
                 ref_logp = base[prompts].log_softmax(-1)  # the reference: adapter disabled
             reward = -(actions - target[prompts]).abs().float() / n_actions  # (B*G,) dense: groups rarely tie
+            if tied:
+                reward = torch.zeros_like(reward)  # never solved: every group ties
             r = reward.view(batch, group)
             adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1)
             lp = logp.gather(1, actions[:, None]).squeeze(1)
@@ -561,7 +576,7 @@ def lora_kl_run(root: Path, name: str = "lora-kl", *, steps: int = 3, audit_ever
             opt.step()
             run.log(step, metrics)
             watcher.step(step, metrics)
-        run.save_checkpoint(step, modules={"lora": torch.nn.ParameterDict({"a": lora_a, "b": lora_b})})
+        run.save_checkpoint(step, modules=modules)
         with torch.no_grad():
             greedy = policy_logits(torch.arange(n_prompts)).argmax(1)
         write_eval(run, "val@final", [f"val/prompt/{i}" for i in range(n_prompts)], greedy, target, split="val",
@@ -576,7 +591,8 @@ def grid_run(root: Path, name: str = "grid", *, n_eval_tasks: int = 400, subset:
     """ETRM in miniature: a task is a shift rule y = (x + s) mod 8 shown by 4 demonstration pairs; the model reads one
     demonstration and a query and predicts the answer (it must infer s from the demo), so it can solve tasks it never
     saw. Training tasks contribute demos and tests ("<task>/demo<j>", "<task>/<j>"); evaluation tasks' test pairs are
-    scored per task as TRM does (records carry "task", "correct", "correct@2"; pass@k = mean task credit). Bugs:
+    scored per task as TRM does (records carry "task", "correct", "correct@2" and grid outputs; pass@k = mean task
+    credit). Bugs:
       subset=k, denominator="split"   only k tasks evaluated, their credits divided by every task of the split and n
                                       reported as the split size (TRM's official evaluator; seed 004)
       eval_demos_trained=True         the evaluation tasks' demonstrations are also training samples; with
@@ -640,7 +656,9 @@ def grid_run(root: Path, name: str = "grid", *, n_eval_tasks: int = 400, subset:
                     gold = int(t["y"][q])
                     hits1.append(top[0] == gold)
                     hits2.append(gold in top)
-                    records.append({"id": f"{t['id']}/{j}", "task": t["id"], "test_index": j, "output": str(top[:2]),
+                    # as TRM's records: the top-2 candidates as grids (here the answer painted on a 5x5 canvas)
+                    records.append({"id": f"{t['id']}/{j}", "task": t["id"], "test_index": j,
+                                    "output": [[[c] * 5] * 5 for c in top[:2]],
                                     "extracted": str(top[0]), "gold": str(gold), "correct": top[0] == gold,
                                     "correct@2": gold in top, "valid": True, "extractor": "argmax@1"})
                 credit1.append(sum(hits1) / n_test)

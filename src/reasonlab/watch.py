@@ -42,8 +42,9 @@ Condition = Literal["nan", "zero_grad_term", "ratio_explosion", "ratio_not_one",
                     "entropy_collapse", "repetition", "encoder_collapse"]
 CONDITIONS: tuple[str, ...] = Condition.__args__  # type: ignore[attr-defined]
 # live: sends gradient | dead: non-zero weight, ~no gradient | inactive: value and gradient ~0 while the policy is
-# still at the term's zero point (a KL at its reference) | off: weight 0 at this step
-TermState = Literal["live", "dead", "inactive", "off"]
+# still at the term's zero point (a KL at its reference) | idle: value and gradient ~0 at a step where every group's
+# rewards tied (zero advantages: no signal to send; reward_zero_std says so) | off: weight 0 at this step
+TermState = Literal["live", "dead", "inactive", "idle", "off"]
 
 
 @dataclass
@@ -87,6 +88,9 @@ class Thresholds:
     top_answer_max: float = F(0.5, "one answer in at least this fraction of distinct questions is collapse")
     answer_entropy_min: float = F(0.5, "answer entropy (bits) below this with many distinct golds is suspect")
     min_outputs: int = F(10, "collapse detectors need at least this many outputs")
+    collapse_min_steps: int = F(100, "an output collapse with no earlier eval of its split to compare is a failure "
+                                     "only after this many training steps (an untrained model often answers "
+                                     "everything alike)")
     gap_train_min: float = F(0.3, "train accuracy at least this ...")
     gap_heldout_max: float = F(0.05, "... while held-out accuracy at most this (or at most the most-common-gold rate): "
                                      "memorizing, not generalizing")
@@ -144,8 +148,9 @@ def term_states(metrics: Mapping[str, Any], th: Thresholds, moved: bool) -> dict
     dead at the first audit); with a value of ~0, its gradient against the largest term's, and then ~0 on both is
     `inactive` while the policy is still at the term's zero point (a LoRA KL at initialisation is exactly 0 with an
     exactly 0 gradient, by construction), and `dead` once the policy has moved: after an update, and, when the run
-    has a KL-to-reference term, once that KL is above kl_moved_min (it measures the move). A KL's own value is judged
-    in nats (unweighted), so a small-weight KL is never measured against the other terms."""
+    has a KL-to-reference term, once that KL is above kl_moved_min (it measures the move); `idle` instead at a step
+    whose every reward group tied (the policy gradient is 0 by construction there). A KL's own value is judged in nats
+    (unweighted), so a small-weight KL is never measured against the other terms."""
     names = [k[len("grad/term/"):] for k, v in metrics.items() if k.startswith("grad/term/") and _isnum(v)]
     if not names:
         return {}
@@ -178,6 +183,8 @@ def term_states(metrics: Mapping[str, Any], th: Thresholds, moved: bool) -> dict
         elif not moved or at_reference:
             why = "before any update" if not moved else f"the KL ({', '.join(kls)}) is still ~0"
             out[t] = ("inactive", f"value and gradient ~0 at the reference point ({why})")
+        elif _fin(metrics.get("rollout/frac_zero_std")) and metrics["rollout/frac_zero_std"] >= 1.0:
+            out[t] = ("idle", "value and gradient ~0 while every group's rewards tied (zero advantages)")
         else:
             out[t] = ("dead", f"value and gradient ~0 after the policy moved (gradient {g[t]:.3g}, largest term "
                               f"{gmax:.3g})")

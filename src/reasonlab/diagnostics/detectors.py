@@ -22,6 +22,7 @@ Anything under evals/ and checkpoints/ follows the conventions in runfolder.py.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -254,51 +255,85 @@ def _latest_outputs(rf: RunFolder) -> list[EvalFile]:
     """The latest non-control eval of each split (its outputs describe the trained model)."""
     latest: dict[str, EvalFile] = {}
     for e in rf.evals:
-        if e.control is None and e.records and e.split:
+        if e.own and e.records and e.split:
             latest[e.split] = e
     return list(latest.values())
 
 
-def detect_output_collapse(rf: RunFolder, th: Thresholds) -> list[Finding]:
-    """The final outputs are (nearly) one answer whatever the question, judged against the gold distribution."""
+def _output_text(r: dict) -> str:
+    """A record's output as one string: text as is, a structured output (a grid) as compact JSON."""
+    o = r.get("output", "")
+    return o.strip() if isinstance(o, str) else json.dumps(o, separators=(",", ":"))
+
+
+def _collapse_stats(e: EvalFile, th: Thresholds) -> dict | None:
+    """Answer-distribution statistics of one eval, judged against its gold distribution; None when the eval is too
+    small or has one gold. "concentrated": one response for >= top_answer_max of the questions and >= 20 points
+    above the most common gold; "few": far fewer distinct answers than distinct golds."""
     from reasonlab.eval.metrics import answer_entropy, unique_answer_ratio
 
+    recs = [r for r in e.records if "id" in r and ("output" in r or "extracted" in r)]
+    ids = {str(r["id"]) for r in recs}
+    gold_by_id = {str(r["id"]): json.dumps(r["gold"]) for r in recs if r.get("gold") is not None}
+    if len(ids) < th.min_outputs or len(set(gold_by_id.values())) <= 1:
+        return None
+    answers = [None if r.get("extracted") is None else str(r["extracted"]) for r in recs]
+    outputs = [_output_text(r) for r in recs]
+    # a response is the extracted answer, or the whole output when nothing was extracted ("::::" for every input
+    # is as collapsed as "#### 1" for every input; two grids that share their first rows are different answers)
+    responses = [a if a is not None else f"<no answer> {o}" for a, o in zip(answers, outputs)]
+    top, _ = Counter(responses).most_common(1)[0]
+    # share of distinct questions that got the top response (samples of one question would inflate a raw count)
+    top_share = len({str(r["id"]) for r, x in zip(recs, responses) if x == top}) / len(ids)
+    gold_top_share = Counter(gold_by_id.values()).most_common(1)[0][1] / max(1, len(gold_by_id))
+    n_golds = len(set(gold_by_id.values()))
+    valid = [a for a in answers if a is not None]
+    concentrated = top_share >= th.top_answer_max and top_share - gold_top_share >= 0.2
+    few = n_golds >= 10 and ((len(valid) >= len(answers) / 2 and len(set(valid)) / n_golds < th.unique_answer_min)
+                             or len(set(outputs)) / n_golds < th.unique_answer_min)
+    if not (concentrated or few):
+        return None
+    return {"top": top, "top_share": top_share, "gold_top_share": gold_top_share, "n_golds": n_golds,
+            "n": len(ids), "uar": unique_answer_ratio(answers).value, "ent": answer_entropy(answers).value,
+            "uout": len(set(outputs)) / len(outputs), "concentrated": concentrated,
+            "common": [o[:120] for o, _ in Counter(outputs).most_common(3)]}
+
+
+def detect_output_collapse(rf: RunFolder, th: Thresholds) -> list[Finding]:
+    """The final outputs are (nearly) one answer whatever the question, judged against the gold distribution. A
+    failure when training caused it: an earlier eval of the split was not collapsed, or, without one, the run trained
+    for collapse_min_steps or more (an untrained model often answers everything alike: that is its starting point)."""
     out = []
     for e in _latest_outputs(rf):
-        recs = [r for r in e.records if "id" in r and ("output" in r or "extracted" in r)]
-        ids = {str(r["id"]) for r in recs}
-        gold_by_id = {str(r["id"]): str(r["gold"]) for r in recs if r.get("gold") is not None}
-        if len(ids) < th.min_outputs or len(set(gold_by_id.values())) <= 1:
+        st = _collapse_stats(e, th)
+        if st is None:
             continue
-        answers = [None if r.get("extracted") is None else str(r["extracted"]) for r in recs]
-        outputs = [str(r.get("output", "")).strip() for r in recs]
-        # a response is the extracted answer, or the raw text when nothing was extracted ("::::" for every input
-        # is as collapsed as "#### 1" for every input)
-        responses = [a if a is not None else f"<no answer> {o[:60]}" for a, o in zip(answers, outputs)]
-        top, _ = Counter(responses).most_common(1)[0]
-        # share of distinct questions that got the top response (samples of one question would inflate a raw count)
-        top_share = len({str(r["id"]) for r, x in zip(recs, responses) if x == top}) / len(ids)
-        gold_top_share = Counter(gold_by_id.values()).most_common(1)[0][1] / max(1, len(gold_by_id))
-        n_golds = len(set(gold_by_id.values()))
-        valid = [a for a in answers if a is not None]
-        uar, ent = unique_answer_ratio(answers), answer_entropy(answers)
-        uout = len(set(outputs)) / len(outputs)
-        # judged against the gold distribution: a 4-way classifier has 4 distinct answers and that is fine
-        concentrated = top_share >= th.top_answer_max and top_share - gold_top_share >= 0.2
-        few = n_golds >= 10 and ((len(valid) >= len(answers) / 2 and len(set(valid)) / n_golds < th.unique_answer_min)
-                                 or len(set(outputs)) / n_golds < th.unique_answer_min)
-        if not (concentrated or few):
-            continue
-        common = [o[:120] for o, _ in Counter(outputs).most_common(3)]
-        what = f"'{top}'" if not top.startswith("<no answer>") else f"output '{top[12:]}' (no answer extracted)"
+        earlier = [x for x in rf.evals if x.own and x.split == e.split and x.records and x.step is not None
+                   and e.step is not None and x.step < e.step]
+        base = _collapse_stats(earlier[0], th) if earlier else None
+        steps = rf.last_step or 0
+        if not st["concentrated"]:
+            sev, note = "warning", ""
+        elif earlier and base is not None and base["concentrated"]:
+            sev, note = "warning", f"; already so at step {earlier[0].step} ({earlier[0].tag}): the starting model's habit"
+        elif earlier or steps >= th.collapse_min_steps:
+            sev, note = "failed", ""
+        else:
+            sev, note = "warning", (f"; no eval before step {e.step} to compare and {steps} training steps: possibly "
+                                    "the untrained model's habit")
+        top = st["top"]
+        what = f"'{_clip_txt(top)}'" if not top.startswith("<no answer>") else \
+            f"output '{_clip_txt(top[12:])}' (no answer extracted)"
+        num = lambda x: f"{x + 0.0:.3f}" if finite(x) else "-"  # noqa: E731  (+ 0.0: no "-0.000")
         out.append(_f(
-            "failed" if concentrated else "warning", "output_collapse",
-            f"[{e.tag}] same answer regardless of input: {what} for {100 * top_share:.0f}% of {len(ids)} questions "
-            f"(most common gold: {100 * gold_top_share:.0f}%); unique answers {uar.value:.3f}, unique outputs "
-            f"{uout:.3f}, answer entropy {ent.value:.2f} bits", [e.step] if e.step is not None else [],
-            [uar.value, uout, ent.value, top_share, gold_top_share], tag=e.tag,
+            sev, "output_collapse",
+            f"[{e.tag}] same answer regardless of input: {what} for {100 * st['top_share']:.0f}% of {st['n']} "
+            f"questions (most common gold: {100 * st['gold_top_share']:.0f}%); unique answers {num(st['uar'])}, "
+            f"unique outputs {st['uout']:.3f}, answer entropy {num(st['ent'])} bits{note}",
+            [e.step] if e.step is not None else [],
+            [st["uar"], st["uout"], st["ent"], st["top_share"], st["gold_top_share"]], tag=e.tag,
             metrics=["unique_answer_ratio", "unique_output_ratio", "answer_entropy_bits", "top_answer_share",
-                     "gold_top_share"], top_answer=top, distinct_golds=n_golds, common_outputs=common,
+                     "gold_top_share"], top_answer=top[:200], distinct_golds=st["n_golds"], common_outputs=st["common"],
             explanation="The model emits (nearly) one answer whatever the question, so any accuracy it has is "
                         "the base rate of that answer. Typical causes: conditioning that carries no input "
                         "information (encoder/soft-token collapse), a question-independent teacher/prior, or a "
@@ -314,10 +349,15 @@ def detect_output_collapse(rf: RunFolder, th: Thresholds) -> list[Finding]:
     return out
 
 
+def _clip_txt(s: str, n: int = 60) -> str:
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
 def detect_repetition(rf: RunFolder, th: Thresholds) -> list[Finding]:
     out = []
     for e in _latest_outputs(rf):
-        texts = [str(r.get("output", "")) for r in e.records if "output" in r]
+        # text outputs only: a grid printed as text repeats "8, 8, 8" because grids have uniform regions
+        texts = [r["output"] for r in e.records if isinstance(r.get("output"), str)]
         if len(texts) < th.min_outputs:
             continue
         runs = [char_run(t) for t in texts]
@@ -399,14 +439,23 @@ def detect_weights(rf: RunFolder, th: Thresholds) -> list[Finding]:
     still = [n for n in train_names if n not in changed]
     if still:
         sev = "failed" if len(still) == len(train_names) else "warning"
+        gnorm = [g for g in rf.series("train/grad_norm")[1] if finite(g)]
+        tied = [z for z in rf.series("rollout/frac_zero_std")[1] if finite(z)]
+        if gnorm and max(gnorm) == 0.0 and tied and min(tied) >= 1.0:  # the loss had no signal: no plumbing bug
+            why = ("Every logged gradient norm is 0 because every group's rewards tied at every step "
+                   "(rollout/frac_zero_std = 1.0): group-normalized advantages are all 0 and a KL at its reference "
+                   "is 0, so the optimizer never moved anything. The run trained nothing.")
+            do = ("Use a model/task pair on which some samples succeed (easier prompts, a warmer start, more "
+                  "samples per prompt) or a denser reward; this is not a gradient-plumbing bug.")
+        else:
+            why = ("These parameters receive no update: no gradient reaches them (computed under no_grad, detached, "
+                   "an unused module) or they are missing from the optimizer.")
+            do = ("Check grad/module/* norms and the optimizer's param groups; run the gradient audit "
+                  "(rl.audit.audit_terms) for each loss term.")
         out.append(_f(sev, "trainable_unchanged",
                       f"{len(still)}/{len(train_names)} trainable parameters never changed between {first.name} "
                       f"(step {first.step}) and {last.name} (step {last.step}): {', '.join(still[:3])}",
-                      [first.step, last.step], [], params=still[:20],
-                      explanation="These parameters receive no update: no gradient reaches them (computed under "
-                                  "no_grad, detached, an unused module) or they are missing from the optimizer.",
-                      recommendation="Check grad/module/* norms and the optimizer's param groups; run the gradient "
-                                     "audit (rl.audit.audit_terms) for each loss term."))
+                      [first.step, last.step], [], params=still[:20], explanation=why, recommendation=do))
     return out
 
 
@@ -527,7 +576,7 @@ def detect_leakage(rf: RunFolder, th: Thresholds) -> list[Finding]:
     ids = rf.train_ids or set()
     demo_tasks = {m.group("task") for i in ids if (m := DEMO_ID.match(i))}
     for e in rf.evals:
-        if e.split not in HELD_OUT or e.control is not None:
+        if e.split not in HELD_OUT or not e.own:
             continue
         step = [e.step] if e.step is not None else []
         leaked = sorted(e.ids() & ids)
@@ -583,7 +632,7 @@ def detect_eval_power(rf: RunFolder, th: Thresholds) -> list[Finding]:
     out = []
     latest: dict[str, EvalFile] = {}
     for e in rf.evals:
-        if e.primary is not None and e.split in HELD_OUT and e.control is None:
+        if e.primary is not None and e.split in HELD_OUT and e.own:
             latest[e.split] = e
     for e in latest.values():
         name, m = e.primary
@@ -603,7 +652,7 @@ def detect_eval_power(rf: RunFolder, th: Thresholds) -> list[Finding]:
                                          "and compare runs with paired bootstrap (`reasonlab compare`)."))
     for e in rf.evals:
         p = e.primary
-        if p is None or e.control is not None:
+        if p is None or not e.own:
             continue
         name, m = p
         rec = e.recomputed(name)
@@ -628,7 +677,7 @@ def _evals_by_split(rf: RunFolder) -> dict[str, list[EvalFile]]:
     """Non-control held-out evals with a headline metric, per split, in step order."""
     out: dict[str, list[EvalFile]] = {}
     for e in rf.evals:
-        if e.split in HELD_OUT and e.control is None and e.primary is not None:
+        if e.split in HELD_OUT and e.own and e.primary is not None:
             out.setdefault(e.split, []).append(e)
     return out
 
@@ -710,7 +759,7 @@ def detect_run_end(rf: RunFolder, th: Thresholds) -> list[Finding]:
         out.append(_f("failed", "run_failed", f"run {summ['status']}: {summ.get('error', summ.get('stop_reason'))}",
                       [last] if last is not None else [], [], explanation="The recipe raised or was interrupted.",
                       recommendation="Read the error; resume from the last checkpoint once fixed."))
-    held = [e for e in rf.evals if e.split in HELD_OUT and e.control is None]
+    held = [e for e in rf.evals if e.split in HELD_OUT and e.own]
     if last is not None:
         final = [e for e in held if e.final or (e.step is not None and e.step >= last)]
         if not final:
@@ -812,13 +861,19 @@ def detect_controls(rf: RunFolder, th: Thresholds) -> list[Finding]:
         base = by_tag[tag]
         parts = [f"{name} {d.mean_a:.3f} (diff {d.diff:+.3f}, 95% CI [{d.lo:+.3f}, {d.hi:+.3f}], p={d.p_value:.3f})"
                  for name, d in bad]
-        out.append(_f("failed" if any(d.diff <= 0 for _, d in bad) else "warning", "controls_failed",
-                      f"[{tag}] accuracy {bad[0][1].mean_b:.3f} (n={bad[0][1].n}) is not above its controls: "
+        # a score the controls reproduce is a win to discard (seed 001); a bridge that scores nothing yet has no
+        # score to attribute: not established, and no_improvement says it learned nothing
+        reproduced = bad[0][1].mean_b > 0 and any(d.diff <= 0 for _, d in bad)
+        nothing = bad[0][1].mean_b == 0
+        out.append(_f("failed" if reproduced else "warning", "controls_failed",
+                      f"[{tag}] {base.primary[0] if base.primary else 'accuracy'} {bad[0][1].mean_b:.3f} "
+                      f"(n={bad[0][1].n}) is not above its controls: "
                       + "; ".join(parts), [base.step] if base.step is not None else [],
                       [bad[0][1].mean_b] + [d.mean_a for _, d in bad], controls=[name for name, _ in bad],
                       p_values=[d.p_value for _, d in bad],
-                      explanation="The same score is reached when the source information is shuffled or removed, so "
-                                  "the score does not come from what the bridge transmits.",
+                      explanation=("The model scores 0 like its controls: nothing the conditioning carries shows in "
+                                   "the answers yet." if nothing else "The same score is reached when the source information is "
+                                   "shuffled or removed, so the score does not come from what the bridge transmits."),
                       recommendation="Treat the result as not established; fix the bridge until it beats its "
                                      "controls by more than the CI."))
     return out

@@ -161,7 +161,7 @@ def results_section(rf: RunFolder) -> str:
     final evals; then controls."""
     groups: dict[tuple, list[EvalFile]] = {}
     for e in rf.evals:
-        if e.control is None and e.split in ("train", *HELD_OUT) and e.primary:
+        if e.own and e.split in ("train", *HELD_OUT) and e.primary:
             groups.setdefault((e.split, str(e.summary.get("task", ""))), []).append(e)
     if not groups:
         return "## Results\n\nNo evaluations in evals/ (nothing to report).\n"
@@ -256,7 +256,7 @@ def terms_section(rf: RunFolder, th: Thresholds) -> str:
         zero = sum(1 for g in norms if finite(g) and g == 0.0)
         states = Counter(a[1] for a in audits.get(t, []))
         verdict = ", ".join(f"{states[k]} {k.replace('inactive', 'not yet active')}"
-                            for k in ("live", "dead", "inactive", "off") if states[k])
+                            for k in ("live", "dead", "inactive", "idle", "off") if states[k])
         rows.append([t, f"{weights[-1]:.3g}" if weights else "-", _pct(vs), _pct(gs),
                      f"{norms[-1]:.3g}" if norms else "-", f"{zero}/{len(norms)}", verdict or "-"])
     return ("## Loss terms: share of the loss value vs share of the gradient\n\n"
@@ -283,7 +283,7 @@ def events_section(rf: RunFolder) -> str:
 
 def samples_section(rf: RunFolder, per_kind: int = 2) -> str:
     """Correct, wrong and invalid outputs of the final held-out eval (test first)."""
-    cands = [e for e in rf.evals if e.control is None and e.records and e.split in HELD_OUT]
+    cands = [e for e in rf.evals if e.own and e.records and e.split in HELD_OUT]
     if not cands:
         return ""
     e = sorted(cands, key=lambda x: (x.final, x.split == "test", x.step if x.step is not None else -1))[-1]

@@ -113,6 +113,18 @@ class EvalFile:
         return m.group(1) if m else None
 
     @property
+    def reference(self) -> str | None:
+        """The summary's "role" when this eval is of another model kept for reference (bridge: "source_alone", the
+        source model alone on the text): neither the run's model nor a control of it."""
+        r = self.summary.get("role")
+        return r if isinstance(r, str) and r else None
+
+    @property
+    def own(self) -> bool:
+        """An eval of the run's own model: not a control, not a reference."""
+        return self.control is None and self.reference is None
+
+    @property
     def base_tag(self) -> str:
         b = self.summary.get("base")
         return b if isinstance(b, str) and b else self.tag.split("+control=")[0]
@@ -318,7 +330,7 @@ class RunFolder:
         return sorted(out, key=lambda e: (e.step if e.step is not None else (10**12 if e.final else -1), e.tag))
 
     def evals_for(self, split: str, controls: bool = False) -> list[EvalFile]:
-        return [e for e in self.evals if e.split == split and (controls or e.control is None)]
+        return [e for e in self.evals if e.split == split and (controls or e.own)]
 
     @cached_property
     def train_ids(self) -> set[str] | None:

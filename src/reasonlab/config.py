@@ -86,7 +86,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = F(0, "evaluate on validation every N steps (0: only before and after training)")
+    every: int = F(0, "evaluate on validation every N steps (0: only before and after training; -1: after "
+                       "training only)")
     limit: int = F(0, "validation examples per periodic eval (0: the whole split)")
 
 

@@ -14,7 +14,7 @@ recipe then verifies its per-parameter sha256 at every checkpoint.
 Why the seed's ETRM (0% on held-out ARC-1 with 41-79% train accuracy) failed, and what this file does about it:
 - The seed blamed "encoder collapse", but its own numbers (token std 0.37, cross-sample variance 0.15) say the encoder
   was NOT constant: the failure was a generalization gap (fits training puzzles, nothing on unseen ones). Measure it
-  as such: train exact accuracy next to held-out accuracy, and encoder/* statistics from reasonlab.diagnostics.watch.
+  as such: train exact accuracy next to held-out accuracy, and encoder/* statistics from reasonlab.watch.
 - Scale: the decoder multiplies its whole input, prefix included, by sqrt(hidden). Every conditioning token here is
   RMS-normalized to norm `output_norm` BEFORE that scale (1 = a token embedding's norm; the recipe can set it to the
   mean norm of a trained puzzle embedding when the decoder comes from a TRM checkpoint).

@@ -1,9 +1,9 @@
 """Sampling and scoring with HF causal LMs, behind one interface with three backends.
 
-    sampler = make_sampler("auto", model, tok, device=compute.device)   # own | hf | vllm (auto: vllm on CUDA if installed)
+    sampler = make_sampler("auto", model, tok, device=compute.device)   # own | hf | vllm (auto: vllm on CUDA)
     cfg = GenConfig(n=8, temperature=0.7, top_p=0.95, max_new_tokens=128, stop=("\n\nQuestion:",))
     samples = sampler.generate(prompt_ids, cfg, seeds=[...])          # samples[i][j]: j-th sample of prompt i
-    sampler.sync(policy)                                              # after an update: the engine samples the new policy
+    sampler.sync(policy)                                              # after an update: sample the new policy
     samples = generate(model, tok, prompts, cfg)                      # the own loop directly (text or token ids)
     lls = loglikelihood(model, tok, [(context, " continuation"), ...])
 
@@ -84,7 +84,7 @@ class GenConfig:
     min_new_tokens: int = field(default=0, metadata={"help": "EOS is masked until this many tokens are generated"})
     stop: tuple[str, ...] = field(default=(), metadata={"help": "stop strings: the output is cut before the first"})
     batch_size: int = field(default=16, metadata={"help": "rows decoded together (prompts x samples)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed (prompt i draws from a generator seeded by seed and i)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (prompt i draws from a generator seeded by seed, i)"})
     grouped: bool = field(default=True, metadata={"help": "prefill each prompt once and share its cache across n"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
 

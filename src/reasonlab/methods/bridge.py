@@ -495,7 +495,7 @@ def main(cfg: Config, run: Run) -> dict:
     ctx = {"cfg": cfg, "task": task, "source": source, "target": target, "target_module": target_module,
            "bridge": bridge, "bridge_module": bridge_module, "prompter": prompter, "run": run, "compute": compute}
 
-    def step_gen(step: int) -> torch.Generator:  # curriculum draws, shuffles, DiT noise: a pure function of (seed, step)
+    def step_gen(step: int) -> torch.Generator:  # curriculum draws, shuffles, DiT noise: a function of (seed, step)
         return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
 
     n_bridge = sum(p.numel() for p in bridge_module.parameters())
@@ -521,7 +521,8 @@ def main(cfg: Config, run: Run) -> dict:
         loss = float(total_loss(terms).detach())
         shown = prompter.get(exs[0])["shown"]
         training.print0(f"dry run: soft tokens {tuple(info['soft'].shape)}, loss {loss:.4f}\n{audit.table()}\n"
-                        f"bridged prompt (end): {('...' if len(shown) > 300 else '') + shown[-300:]!r}\nnothing trained")
+                        f"bridged prompt (end): {('...' if len(shown) > 300 else '') + shown[-300:]!r}\n"
+                        "nothing trained")
         return {"dry_run": True, "bridge_params": n_bridge, "loss": loss, **compute.describe(), "backend": "own",
                 "terms": {k: float(v.detach()) for k, (_, v) in terms.items()}}
 

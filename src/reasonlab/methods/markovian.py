@@ -254,8 +254,10 @@ def ref_answer_logp(ctx: Ctx, e: Example, step: int, slot: int) -> float:
     if rc == "greedy" and e.id in ctx.ref_cache:
         return ctx.ref_cache[e.id]
     with reference(ctx.model):
-        temp, seed = (0.0, 0) if rc == "greedy" else (ctx.cfg.rl.temperature, M.sample_seed(ctx.cfg.seed, step, slot, 1))
-        cot = generate(ctx.model, ctx.tok, [ctx.question_ids(e)], cot_config(ctx, 1, temp), seeds=[seed])[0][0].token_ids
+        temp, seed = (0.0, 0) if rc == "greedy" else (ctx.cfg.rl.temperature,
+                                                      M.sample_seed(ctx.cfg.seed, step, slot, 1))
+        cot = generate(ctx.model, ctx.tok, [ctx.question_ids(e)], cot_config(ctx, 1, temp),
+                       seeds=[seed])[0][0].token_ids
         rows = ctx.answer_rows([e], [cot]).to(ctx.device)
         value = float(M.segment_logprob(ctx.model, rows, 3, ctx.cfg.rl.answer_logprob))
     if rc == "greedy":
@@ -295,7 +297,8 @@ def rollout(ctx: Ctx, step: int, slots: list[int], questions: list[Example], G: 
 def forward_terms(ctx: Ctx, ro: Rollout, rows: list[int], *, actor_grad: bool, with_ref: bool = True) -> dict:
     """Policy forwards on rollout rows `rows` (whole groups): CoT token log-probs + logits at the sampling temperature
     (grad), answer reward R at T = 1 (grad when actor_grad), and the reference's CoT log-probs/logits at the same
-    temperature (no grad) for the KL. Shapes: lp/mask (b, K), logits (b, K, V) (divided by T), R (b,). With rl.share_prefix a group's common prompt is run once (rl.policy.shared_prompt_logprobs)."""
+    temperature (no grad) for the KL. Shapes: lp/mask (b, K), logits (b, K, V) (divided by T), R (b,). With
+    rl.share_prefix a group's common prompt is run once (rl.policy.shared_prompt_logprobs)."""
     rl, K, T = ctx.cfg.rl, ctx.cfg.data.cot_tokens, ctx.cfg.rl.temperature
     act = actor_grad and torch.is_grad_enabled()
     out: dict[str, list] = {"lp": [], "logits": [], "R": [], "ref_lp": [], "ref_logits": []}
@@ -305,7 +308,8 @@ def forward_terms(ctx: Ctx, ro: Rollout, rows: list[int], *, actor_grad: bool, w
             g = rows[start:start + ro.G]
             e, cots = ro.exs[g[0]], ro.cot_t[g]  # (G, K)
             q = ctx.question_ids(e)
-            lp, _, logits = shared_prompt_logprobs(ctx.policy, q, cots, return_logits=True, temperature=T)  # (G, K), (G, K, V)
+            lp, _, logits = shared_prompt_logprobs(ctx.policy, q, cots, return_logits=True,
+                                                   temperature=T)  # (G, K), (G, K, V)
             ans = torch.tensor(ctx.ids(" " + e.gold), device=ctx.device)
             suffix = torch.cat([cots, sep.expand(len(g), -1), ans.expand(len(g), -1)], dim=1)  # (G, K + |sep| + |ans|)
             with torch.set_grad_enabled(act):
@@ -383,8 +387,8 @@ def evaluate(ctx: Ctx, examples: list[Example], tag: str, step: int, run: Run, c
 
     def answer(exs: list[Example], offset: int) -> list[dict]:
         prompts = [ctx.question_ids(e) for e in exs]
-        cots = ctx.sampler.generate(prompts, cot_config(ctx, 1, cfg.eval.cot_temperature, batch_size=cfg.eval.batch_size),
-                                    seeds=prompt_seeds(cfg.eval.seed, len(exs), offset))
+        gc = cot_config(ctx, 1, cfg.eval.cot_temperature, batch_size=cfg.eval.batch_size)
+        cots = ctx.sampler.generate(prompts, gc, seeds=prompt_seeds(cfg.eval.seed, len(exs), offset))
         ctxs = [ctx.scoring_prefix_ids(e) + c[0].token_ids + sep for e, c in zip(exs, cots)]
         answers = ctx.sampler.generate(ctxs, answer_cfg)
         return [sample_record(ctx.task, e, a[0], prompt=tok.decode(p), cot=c[0].text,

@@ -7,13 +7,13 @@ f(Y) = mean reward(Y) x diversity(Y); Poly-PPO's subset estimator). What is impl
   samples `rollout.n` = N completions per prompt from the current policy (`rollout.backend`: the own decode loop with
   the prompt prefilled once per group | hf | vllm with the policy's weights handed over after every update),
   temperature `rollout.temperature`, cut at `rollout.stop`; each prompt's samples and subsets are seeded by (seed,
-  step, its place in the global batch), so they do not depend on how prompts are spread over processes. Reward per completion = the task's own scorer
-  (1.0 if correct else 0.0) or a user function `reward.fn: module:function`, f(completions, examples) -> list[float|None]
-  (None counts as 0.0 and is logged as rollout/reward_none_frac).
+  step, its place in the global batch), so they do not depend on how prompts are spread over processes. Reward per
+  completion = the task's own scorer (1.0 if correct else 0.0) or a user function `reward.fn: module:function`,
+  f(completions, examples) -> list[float|None] (None counts as 0.0 and is logged as rollout/reward_none_frac).
 - Set-level advantage per completion (reasonlab.rl.setlevel), per prompt: diversity d = fraction of distinct answers
   (each extracted answer first put in the task's canonical form, `Task.canonical_answer`: countdown's "9+3" and "3+9"
-  are one answer) | Distinct-n of the texts | MiniLM semantic distance; set score f = mean(r) x d ("product") or mean(r) + w x d
-  ("sum"); estimator "subset" (M random size-n subsets of the N samples, all of them when M = 0 or M >= C(N, n);
+  are one answer) | Distinct-n of the texts | MiniLM semantic distance; set score f = mean(r) x d ("product") or
+  mean(r) + w x d ("sum"); estimator "subset" (M random size-n subsets of the N samples, all of them when M = 0 or M >= C(N, n);
   baseline = mean subset score; A_i = mean of (f - baseline) over the subsets containing i) or "loo"
   (A_i = f(Y) - f(Y without y_i)); then standardized within the prompt (`set.normalize: std`) or kept raw.
 - Loss, all on the sampled completion tokens, on-policy (one gradient step per rollout, so the PPO ratio is 1 and the

@@ -614,7 +614,8 @@ def main(cfg: Config, run: Run) -> dict:
             row |= {f"train/{k}": agg.pop(k) / n for k in ("exact_accuracy", "q_halt_accuracy", "steps")}
             row |= {f"train/{k}": agg.pop(k) / L for k in ("loss", "lm_loss", "q_halt_loss")}
             row |= {k: v / L if k.startswith("grad/module/") else v for k, v in agg.items()}
-            row |= {"train/halted_per_step": n / L, "train/lr": base_lrs[0][0] * training.lr_factor(step - 1, cfg.train),
+            row |= {"train/halted_per_step": n / L,
+                    "train/lr": base_lrs[0][0] * training.lr_factor(step - 1, cfg.train),
                     "time/step_s": (now - t_last) / L, "time/examples_per_s": cfg.train.batch_size * L / (now - t_last),
                     "time/cpu_s": time.process_time() - cpu0, "time/setup_s": setup_s, "time/setup_cpu_s": setup_cpu}
             if encoder is not None:  # the prefix as the decoder sees it (x sqrt(hidden)), written tokens only
@@ -624,7 +625,8 @@ def main(cfg: Config, run: Run) -> dict:
             agg, t_last = {}, now
             watcher.step(step, row)
             if step % (cfg.train.log_every * 10) == 0:
-                training.print0(f"step {step}: loss {row['train/loss']:.4f} token acc {row['train/token_accuracy']:.3f} "
+                training.print0(f"step {step}: loss {row['train/loss']:.4f} token acc "
+                                f"{row['train/token_accuracy']:.3f} "
                                 f"exact {row['train/exact_accuracy']:.3f} q-acc {row['train/q_halt_accuracy']:.3f} ACT "
                                 f"steps {row['train/steps']:.2f} ({row['time/step_s']:.3f}s/step, cpu "
                                 f"{row['time/cpu_s']:.0f}s)")
@@ -679,7 +681,8 @@ def main(cfg: Config, run: Run) -> dict:
                     (f"; pass@2 {fmt(m['pass@2'])}" if "pass@2" in m else "") +
                     f" over {s['n_tasks']} tasks; train CPU {cpu_train:.0f}s")
     if ctrl is not None:
-        training.print0(f"control, shuffled demos (same checkpoint, same tasks): pass@1 {fmt(ctrl['metrics']['pass@1'])}")
+        training.print0(f"control, shuffled demos (same checkpoint, same tasks): pass@1 "
+                        f"{fmt(ctrl['metrics']['pass@1'])}")
     if tr is not None:
         training.print0(f"train subset (same checkpoint): pass@1 {fmt(tr['metrics']['pass@1'])} over {tr['n_tasks']} "
                         "tasks")

@@ -18,7 +18,6 @@ REINFORCE estimator of d/dθ E[R] for fixed-length CoTs, as in the Markovian pap
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 AGGREGATIONS = ("seq_mean", "token_mean", "seq_sum")
 
@@ -138,9 +137,9 @@ def shared_prompt_logprobs(model, prompt: list[int], completions, *, pad_id: int
     the longest completion; column j scores completion token score_from + j given the prompt and the tokens before it.
     `score_from` skips a common head whose log-probs are not needed (the Markovian answer after its CoT): those
     positions produce no (T, V) logits. `temperature`: log-probs (and the returned logits) of the distribution
-    softmax(logits / T) that tokens sampled at T came from. The prompt's cache is repeated across the group with a differentiable
-    repeat_interleave, so gradients reach the prompt's activations from all N rows exactly as in a padded batch of N
-    full rows (tested against token_logprobs), for Tp + N*S positions instead of N*(Tp + S).
+    softmax(logits / T) that tokens sampled at T came from. The prompt's cache is repeated across the group with a
+    differentiable repeat_interleave, so gradients reach the prompt's activations from all N rows exactly as in a
+    padded batch of N full rows (tested against token_logprobs), for Tp + N*S positions instead of N*(Tp + S).
     """
     from reasonlab.eval.generate import lm_forward, new_cache
 

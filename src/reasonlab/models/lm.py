@@ -97,12 +97,14 @@ def is_available_offline(spec: str) -> bool:
         return False
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path, _ = resolve_model_path(spec)
+    hub = {"revision": revision} if revision and path == spec else {}
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=_offline() or path != spec)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=_offline() or path != spec,
+                                            trust_remote_code=trust_remote_code, **hub)
     except OSError as e:
         raise ModelUnavailable(_hub_hint(spec, e)) from None
     return _fix_padding(tok)
@@ -123,12 +125,19 @@ def _hub_hint(spec: str, err: Exception) -> str:
     return f"could not load model '{spec}': {str(err).splitlines()[0]}"
 
 
-def load_causal_lm(spec: str, *, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """Load (model, tokenizer). Hub ids try the local cache first so an offline machine never waits on the network."""
+def load_causal_lm(spec: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
+                   revision: str | None = None, trust_remote_code: bool = False):
+    """Load (model, tokenizer). Hub ids try the local cache first so an offline machine never waits on the network.
+    `revision` (a hub branch, tag or commit) applies to hub ids only; `trust_remote_code` runs the model repo's own
+    code, as in transformers."""
     from transformers import AutoModelForCausalLM
 
     path, kwargs = resolve_model_path(spec)
     local = path != spec
+    if revision and local:
+        raise ModelUnavailable(f"revision={revision} is for hub ids, but '{spec}' is a local folder or an embedded "
+                               "alias: drop revision=")
+    kwargs = {**kwargs, "trust_remote_code": trust_remote_code, **({"revision": revision} if revision else {})}
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True, **kwargs)
@@ -138,7 +147,7 @@ def load_causal_lm(spec: str, *, dtype: str = "float32", device: str | torch.dev
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
     except OSError as e:
         raise ModelUnavailable(_hub_hint(spec, e)) from None
-    tok = load_tokenizer(spec)
+    tok = load_tokenizer(spec, revision=revision, trust_remote_code=trust_remote_code)
     return model.to(device), tok
 
 
@@ -184,7 +193,33 @@ def add_lora(model, lc: LoraConfig):
     targets = lc.target_modules if lc.target_modules == "all-linear" else [t.strip() for t in lc.target_modules.split(",")]
     pc = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, pc)
+    with _peft_reads_deprecated_alias():
+        return get_peft_model(model, pc)
+
+
+def load_adapter(model, path: str, *, revision: str | None = None):
+    """`model` with the PEFT adapter saved at `path` (a folder with adapter_config.json, or a hub id) on top."""
+    from peft import PeftModel
+
+    try:
+        with _peft_reads_deprecated_alias():
+            return PeftModel.from_pretrained(model, path, **({"revision": revision} if revision else {}))
+    except (OSError, ValueError) as e:
+        raise ModelUnavailable(f"could not load the PEFT adapter '{path}': {str(e).splitlines()[0]} (a folder with "
+                               "adapter_config.json + adapter_model.safetensors, e.g. from `reasonlab export`)") from None
+
+
+@contextlib.contextmanager
+def _peft_reads_deprecated_alias():
+    """PEFT (<= 0.21) builds a PeftModel by reading `model.is_gradient_checkpointing`, which transformers 5 deprecated
+    in favour of `is_activation_checkpointing` (same value): a FutureWarning on every LoRA run that is PEFT's call, not
+    ours. Exactly that warning is silenced, only around our PEFT calls; PEFT versions that read the new name need
+    nothing."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
     reasonlab run configs/markovian/arithmetic-smollm2.yaml train.lr=1e-5 --out runs --time-limit 30m
     reasonlab run --resume runs/arithmetic-smollm2-20261121-101500-ab12
     reasonlab eval --model smollm2-135m --task gsm8k --split test --limit 200
+    reasonlab export runs/<run_id> --out exports/<run_id> [--merge]
     reasonlab doctor [CONFIG]
 """
 
@@ -163,6 +164,31 @@ except ImportError:
     def compare_placeholder(runs: List[Path] = typer.Argument(..., help="run folders")):
         """(not built yet) compare run folders."""
         _not_built("compare", "tabulate runs with config differences and paired-bootstrap p-values")
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder (runs/<run_id>)"),
+    out: Path = typer.Option(..., "--out", help="folder to create (a new or empty one; nothing is overwritten)"),
+    step: Optional[int] = typer.Option(None, "--step", help="export checkpoints/step_N instead of the best one"),
+    best: bool = typer.Option(False, "--best", help="export checkpoints/best, chosen on validation (the default)"),
+    merge: bool = typer.Option(False, "--merge", help="LoRA runs: merge the adapter into the base weights, giving a "
+                               "full Hugging Face model folder"),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="also upload the folder to this hub repo "
+                                              "(owner/name; needs the hub)"),
+):
+    """A run's checkpoint as a PEFT adapter, a full HF model folder (--merge) or TRM safetensors, with a model card."""
+    from reasonlab.errors import UserError
+    from reasonlab.export import export, plan_export
+
+    try:
+        plan = plan_export(run_dir, out, step=step, best=best, merge=merge, push_to_hub=push_to_hub)
+        path = export(plan)
+    except UserError as e:
+        _fail(str(e).splitlines()[0])
+    typer.echo(f"exported {plan.kind} of {plan.run_dir} ({plan.which}, step {plan.checkpoint.step}) to {path}")
+    if plan.push_to_hub:
+        typer.echo(f"uploaded to https://huggingface.co/{plan.push_to_hub}")
 
 
 @app.command()

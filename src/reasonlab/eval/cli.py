@@ -1,13 +1,18 @@
 """`reasonlab eval` and `reasonlab summarize` (registered by reasonlab/cli.py). Heavy imports stay inside the bodies.
 
     reasonlab eval --model smollm2-135m --task gsm8k --split test --limit 200 --samples 4
-        -> runs/evals/<tag>.jsonl (one record per example and sample) + runs/evals/<tag>.json (summary), and a table.
+        -> runs/evals/<tag>.jsonl (one record per example and sample) + runs/evals/<tag>.json (summary), and a table,
+           + runs/evals/lm_eval/results_<tag>.json in lm-eval's results schema (lm-eval tooling reads it).
         --out RUN_DIR puts them in that run folder's evals/ (the run-folder contract).
+    reasonlab eval --model runs/<run_id> ...          # a run folder: its checkpoints/best (chosen on validation)
+    reasonlab eval --model exports/<run_id> ...       # a `reasonlab export` folder (adapter or merged)
+    reasonlab eval --model meta-llama/Llama-3.1-8B --model_args revision=main,dtype=bfloat16,peft=ADAPTER
     reasonlab summarize runs/evals/<tag>.jsonl
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,7 +35,12 @@ def _default_tag(task: str, split: str, model: str, style: str, samples: int, li
 
 
 def eval_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="embedded alias, local HF folder, or hub id"),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="embedded alias, hub id, local HF folder, a run "
+                              "folder (its checkpoints/best, chosen on validation) or a `reasonlab export` folder"),
+    model_args: Optional[str] = typer.Option(None, "--model_args", "--model-args",
+                                             help="lm-eval style key=value,...: revision (hub), dtype, peft (adapter "
+                                                  "folder or hub id on top of --model), trust_remote_code, step "
+                                                  "(a run folder's step_N)"),
     task: str = typer.Option(..., "--task", "-t", help="task name (see `reasonlab data`)"),
     split: str = typer.Option("test", "--split", help="train | validation | test"),
     limit: Optional[int] = typer.Option(None, "--limit", help="evaluate the first N examples only"),
@@ -51,21 +61,31 @@ def eval_cmd(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local dataset root (e.g. ../shared/data)"),
     out: Path = typer.Option(Path("runs"), "--out", help="writes OUT/evals/<tag>.jsonl + .json (a run folder works)"),
     tag: Optional[str] = typer.Option(None, "--tag", help="file name stem; default task-split-model-style-nN-kK-time"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16; default: a run's or "
+                                        "export's own dtype, else float32"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:1; default cuda when available"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
     backend: str = typer.Option("auto", "--backend", help="generation backend: auto (vllm on CUDA when installed, "
                                 "else own) | own | hf | vllm"),
 ) -> None:
     """Evaluate a model on a task; writes evals/<tag>.jsonl + .json and prints a table."""
+    import os
+    import sys
+
     import torch
 
     from reasonlab.errors import UserError
+    from reasonlab.eval import harness as H
     from reasonlab.eval.harness import EvalSettings, evaluate, format_table, write_eval
     from reasonlab.eval.generate import BackendUnavailable
-    from reasonlab.models.lm import ModelUnavailable, load_causal_lm, resolve_model_path
+    from reasonlab.models.lm import ModelUnavailable, resolve_model_path
     from reasonlab.tasks import TaskError, get_task
 
+    tty = sys.stderr.isatty()
+    if not tty:  # a log file: a progress bar state at most every 30 s instead of ten carriage returns a second
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
+    if dtype is not None and dtype not in H.DTYPE_NAMES:
+        _fail(f"--dtype must be one of {', '.join(H.DTYPE_NAMES)}, got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
     if temperature is None:
@@ -83,27 +103,40 @@ def eval_cmd(
             task_obj = get_task(task, **task_kwargs)
         except TypeError:
             _fail(f"task {task!r} does not read local files: drop --data-dir")
-        task_obj.examples(split)  # data errors surface before the model loads
+        n_split = len(task_obj.examples(split))  # data errors surface before the model loads
         from reasonlab.eval.generate import make_sampler, resolve_backend
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         resolve_backend(backend, dev)  # a missing vLLM or a typo fails here, before the model loads
-        lm, tok = load_causal_lm(model, dtype=dtype, device=dev)
-        vllm = {"model_path": resolve_model_path(model)[0], "dtype": dtype, "seed": seed}
+        src = H.resolve_model_source(model, H.parse_model_args(model_args), dtype)  # so does a bad model spec
+        tag = tag or _default_tag(task, split, src.spec, style, samples, limit)
+        if not re.fullmatch(r"[A-Za-z0-9_.@=+-]+", tag):
+            _fail(f"--tag '{tag}' may only use letters, digits and _ . @ = + -")
+        t_start = time.time()
+        lm, tok = H.load_model(src, device=dev)
+        base_path = src.base if src.base == "tiny-random" else resolve_model_path(src.base)[0]
+        vllm = {"model_path": base_path, "dtype": src.dtype, "seed": seed}
         sampler = make_sampler(backend, lm, tok, device=dev, vllm=vllm)
-        records, summary = evaluate(lm, tok, task_obj, split=split, limit=limit, settings=settings, model_id=model,
+        sampler.sync(lm)  # a vLLM engine starts from the base weights: hand it the trained ones (LoRA merged)
+        records, summary = evaluate(lm, tok, task_obj, split=split, limit=limit, settings=settings, model_id=src.spec,
                                     sampler=sampler)
-        summary["backend"] = sampler.name
-        tag = tag or _default_tag(task, split, model, style, samples, limit)
+        summary.update(backend=sampler.name, model_source={"kind": src.kind, **src.info}, model_args=src.model_args(),
+                       dtype=src.dtype, tag=tag)
         jl, js = write_eval(out, tag, records, summary)
+        lm_eval = H.write_lm_eval_results(out, tag, H.lm_eval_results(
+            records, summary, model_name=src.spec, model_args=src.model_args(), n_original=n_split, device=dev,
+            batch_size=batch_size, chat_template=getattr(tok, "chat_template", None), start_time=t_start))
     except (UserError, TaskError, ModelUnavailable, BackendUnavailable, FileNotFoundError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except ValueError as e:  # settings validation (temperature/top-p/mode): one line naming the fix
         if "Traceback" in str(e) or not str(e):
             raise
         _fail(str(e).splitlines()[0])
+    if not tty:  # a progress bar ends with a carriage return, not a newline: the table starts on a line of its own
+        sys.stderr.write("\n")
+        sys.stderr.flush()
     typer.echo(format_table(summary))
-    typer.echo(f"wrote {jl}\n      {js}")
+    typer.echo(f"wrote {jl}\n      {js}\n      {lm_eval} (lm-eval's results schema)")
 
 
 def summarize_cmd(

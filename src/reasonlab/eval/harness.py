@@ -21,10 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from reasonlab.eval import diversity as D
 from reasonlab.eval import metrics as M
@@ -350,3 +352,312 @@ def format_table(summary: dict) -> str:
 def read_records(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- models: hub ids, aliases, runs, exports
+
+# lm-eval's --model_args keys we read (its HFLM's names); `step` is ours: which step_N of a run folder
+MODEL_ARG_KEYS = ("pretrained", "revision", "dtype", "peft", "trust_remote_code", "step")
+ModelKind = Literal["run", "export", "adapter", "hf"]
+
+
+def parse_model_args(text: str | None) -> dict:
+    """lm-eval's `key=value,key=value` (lm_eval.utils.simple_parse_args_string): 'true'/'false' -> bool, integers ->
+    int, anything else a string. Unknown keys are a one-line error naming the known ones."""
+    from reasonlab.errors import UserError
+
+    out: dict = {}
+    for item in (text or "").strip().split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise UserError(f"--model_args item {item!r} is not key=value (e.g. revision=main,dtype=bfloat16)")
+        if key not in MODEL_ARG_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(key, MODEL_ARG_KEYS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UserError(f"--model_args key '{key}' is not supported: {hint}valid: {', '.join(MODEL_ARG_KEYS)}")
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        elif value.lstrip("-").isdigit():
+            out[key] = int(value)
+        else:
+            out[key] = value
+    if "trust_remote_code" in out and not isinstance(out["trust_remote_code"], bool):
+        raise UserError("--model_args trust_remote_code must be True or False")
+    if "dtype" in out and out["dtype"] not in (*DTYPE_NAMES, "auto"):
+        raise UserError(f"--model_args dtype={out['dtype']} is not one of {', '.join((*DTYPE_NAMES, 'auto'))}")
+    return out
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSource:
+    """Where `reasonlab eval --model X` takes its weights from (resolved and checked before anything loads).
+    kind: run = a run folder (its checkpoints/best, the validation choice, or step_N), export = a `reasonlab export`
+    language-model folder, adapter = a PEFT adapter folder or peft= on top of a base, hf = a hub id, embedded alias
+    or Hugging Face model folder."""
+
+    spec: str
+    kind: ModelKind
+    base: str  # what transformers loads first (the base model for run/adapter sources)
+    dtype: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    peft: str | None = None  # adapter folder / hub id applied on top of `base`
+    run_cfg: object = None
+    checkpoint: object = None  # reasonlab.runs.Checkpoint (kind run)
+    info: dict = field(default_factory=dict)  # recorded in the summary
+
+    def model_args(self) -> str:
+        """The lm-eval style model_args string this source stands for (recorded in the lm-eval results file)."""
+        parts = [f"pretrained={self.spec}", f"dtype={self.dtype}"]
+        if self.revision:
+            parts.append(f"revision={self.revision}")
+        if self.peft:
+            parts.append(f"peft={self.peft}")
+        if self.trust_remote_code:
+            parts.append("trust_remote_code=True")
+        if self.checkpoint is not None:
+            parts.append(f"step={self.checkpoint.step}")
+        return ",".join(parts)
+
+
+def resolve_model_source(spec: str, model_args: dict | None = None, dtype: str | None = None) -> ModelSource:
+    """Decide what `spec` is and check it can load here: a run folder (config.yaml), an export folder
+    (reasonlab_export.json), a PEFT adapter folder (adapter_config.json), else a model folder, hub id or embedded
+    alias. Nothing is loaded; a problem is a one-line UserError."""
+    from reasonlab.errors import UserError
+    from reasonlab.export import lm_kind, open_run, read_export, run_checkpoint
+
+    a = dict(model_args or {})
+    spec = str(a.pop("pretrained", spec))
+    if dtype and a.get("dtype") and dtype != a["dtype"]:
+        raise UserError(f"--dtype {dtype} and --model_args dtype={a['dtype']} disagree: give one")
+    want = a.get("dtype") or dtype or "auto"
+    revision, trust, peft, step = a.get("revision"), bool(a.get("trust_remote_code", False)), a.get("peft"), a.get("step")
+    p = Path(spec).expanduser()
+    if step is not None and not (p / "config.yaml").is_file():
+        raise UserError(f"--model_args step={step} picks a checkpoint of a run folder, but {spec} is not one")
+    if p.is_dir() and (p / "config.yaml").is_file():
+        cfg, run_dir = open_run(p)
+        kind = lm_kind(cfg)
+        if kind is None:
+            raise UserError(f"{spec} is a {cfg.method} run, not a language model: `reasonlab eval` evaluates language "
+                            f"models; its own evals are in {spec}/evals/ (export it with `reasonlab export`)")
+        if revision or peft:
+            raise UserError(f"{spec} is a run folder: revision= and peft= are for hub models and adapters")
+        ck = run_checkpoint(run_dir, step, step_flag="--model_args step=N")
+        _check_base(cfg.model.name)
+        return ModelSource(spec, "run", cfg.model.name, cfg.model.dtype if want == "auto" else want,
+                           run_cfg=cfg, checkpoint=ck,
+                           info={"run": str(run_dir), "checkpoint": ck.path.name, "step": ck.step,
+                                 "base_model": cfg.model.name, "lora": kind == "lora"})
+    meta = read_export(p) if p.is_dir() else None
+    if meta is not None:
+        if meta.get("kind") not in ("adapter", "merged", "full"):
+            raise UserError(f"{spec} is a {meta.get('kind')} export, not a language model: load it with "
+                            "reasonlab.export.load_trm_export")
+        dt = (meta.get("dtype") or "float32") if want == "auto" else want
+        info = {"export": str(p), "run_id": meta.get("run_id"), "checkpoint": meta.get("checkpoint"),
+                "step": meta.get("step"), "export_kind": meta["kind"]}
+        if meta["kind"] == "adapter":
+            _check_base(meta["base_model"])
+            return ModelSource(spec, "export", meta["base_model"], dt, peft=str(p), info=info)
+        return ModelSource(spec, "export", str(p), dt, info=info)
+    if p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{spec}/adapter_config.json names no base_model_name_or_path: pass "
+                            f"--model BASE --model_args peft={spec}")
+        _check_base(base)
+        return ModelSource(spec, "adapter", base, "float32" if want == "auto" else want, peft=str(p),
+                           revision=revision, trust_remote_code=trust)
+    _check_base(spec)
+    if peft is not None and not Path(peft).expanduser().is_dir() and _offline():
+        from reasonlab.models.lm import is_available_offline
+
+        if not is_available_offline(peft):
+            raise UserError(f"peft={peft} is neither a local adapter folder nor cached, and HF_HUB_OFFLINE=1")
+    return ModelSource(spec, "adapter" if peft else "hf", spec, "float32" if want == "auto" else want,
+                       revision=revision, trust_remote_code=trust, peft=peft)
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _check_base(spec: str) -> None:
+    """A model that cannot load offline fails here, in one line, before anything loads."""
+    from reasonlab.models.lm import TINY, ModelUnavailable, is_available_offline, resolve_model_path
+
+    if spec == TINY:
+        return
+    resolve_model_path(spec)  # a bad path or a missing embedded package: ModelUnavailable
+    if _offline() and not is_available_offline(spec):
+        raise ModelUnavailable(f"model '{spec}' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: run "
+                               f"`huggingface-cli download {spec}` where there is internet, or use a local folder")
+
+
+def load_model(src: ModelSource, *, device="cpu"):
+    """(model, tokenizer) in eval mode for a resolved ModelSource."""
+    from reasonlab.models.lm import DTYPES, TINY, load_adapter, load_causal_lm, tiny_causal_lm
+
+    if src.kind == "run":
+        from reasonlab.export import build_lm
+
+        return build_lm(src.run_cfg, src.checkpoint, device=device, dtype=src.dtype)
+    if src.base == TINY:  # the seeded random test model (the base of tiny runs' adapters)
+        model, tok = tiny_causal_lm()
+        model = model.to(dtype=DTYPES[src.dtype], device=device)
+    else:
+        model, tok = load_causal_lm(src.base, dtype=src.dtype, device=device, revision=src.revision,
+                                    trust_remote_code=src.trust_remote_code)
+    if src.peft:
+        model = load_adapter(model, src.peft, revision=src.revision if src.kind != "export" else None).to(device)
+    return model.eval(), tok
+
+
+# ----------------------------------------------------------------------------- lm-eval's results file
+
+# lm-eval's gsm8k filters (lm_eval/tasks/gsm8k/gsm8k.yaml, gsm8k-cot.yaml): exact_match compares the filtered string
+# with the target after regexes_to_ignore + ignore_case, as strings; our extractors of the same names return that
+# normalized string, so the lm-eval value is string equality (ours compares numbers: "18.00" == "18")
+LM_EVAL_STRING_FILTERS = ("strict-match", "flexible-extract", "cot-strict-match")
+# our log-likelihood verdicts are lm-eval's multiple_choice metrics (filter "none")
+LM_EVAL_LOGLIK = {"loglik-acc": "acc", "loglik-acc_norm": "acc_norm"}
+
+
+def _lm_eval_scores(records: list[dict], key: str) -> tuple[str, str, list[float]]:
+    """(metric, filter, per-document scores) of extractor `key` ('name@version') as lm-eval computes them: each
+    document's score is the mean over its samples (one sample: 0 or 1)."""
+    from reasonlab.eval.extract import lm_eval_gsm8k_normalize
+
+    name = key.split("@")[0]
+    if name in LM_EVAL_LOGLIK:
+        metric, filt = LM_EVAL_LOGLIK[name], "none"
+    else:
+        metric, filt = "exact_match", name
+
+    def score(r: dict) -> float:
+        if name in LM_EVAL_STRING_FILTERS:
+            pred = (r.get("extractions") or {}).get(key)
+            return float(pred is not None and lm_eval_gsm8k_normalize(pred) == lm_eval_gsm8k_normalize(str(r["gold"])))
+        return float(bool((r.get("correct_by") or {}).get(key, False)))
+
+    per = [sum(score(r) for r in g) / len(g) for g in group_by_example(records).values()]
+    return metric, filt, per
+
+
+def _mean_stderr(xs: list[float]) -> float | str:
+    """lm_eval.api.metrics.mean_stderr (sample std with n - 1, over sqrt n); 'N/A' for one item, as lm-eval."""
+    n = len(xs)
+    if n < 2:
+        return "N/A"
+    mu = sum(xs) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
+
+
+def lm_eval_results(records: list[dict], summary: dict, *, model_name: str, model_args: str, n_original: int,
+                    device: str | None = None, batch_size: int | None = None, chat_template: str | None = None,
+                    start_time: float | None = None) -> dict:
+    """The aggregated results file lm-eval (0.4.x) writes, for one reasonlab eval: results[task] with
+    "<metric>,<filter>" and "<metric>_stderr,<filter>" per extractor (exact_match for generated answers, acc /
+    acc_norm for log-likelihood choices), group_subtasks, configs, versions, n-shot, higher_is_better, n-samples,
+    config, git_hash, date and the run-time fields of its GeneralConfigTracker. Schema: lm_eval/evaluator.py
+    (results_dict), evaluator_utils.py (consolidate_results; "samples" is popped before writing),
+    loggers/evaluation_tracker.py (save_results_aggregated), api/metrics.py (mean, mean_stderr).
+
+    Our 95% intervals (n, lo, hi) are not lm-eval fields: they go under the top-level "reasonlab" key, which lm-eval
+    tooling ignores."""
+    task = summary["task"]
+    s = summary.get("settings") or {}
+    gen = summary.get("generation") or {}
+    mode = summary.get("mode", "generate")
+    res: dict = {"alias": task}
+    hib: dict = {}
+    intervals: dict = {}
+    metric_list = []
+    filters = []
+    groups = group_by_example(records)
+    for key in sorted({k for r in records for k in r.get("correct_by", {})}):
+        metric, filt, per = _lm_eval_scores(records, key)
+        res[f"{metric},{filt}"] = sum(per) / len(per)
+        res[f"{metric}_stderr,{filt}"] = _mean_stderr(per)
+        m = (M.accuracy(p == 1.0 for p in per) if all(len(g) == 1 for g in groups.values())
+             else M.mean_metric(per)).to_dict()
+        intervals[f"{metric},{filt}"] = {k: m.get(k) for k in ("n", "lo", "hi", "method")}
+        if metric not in hib:
+            hib[metric] = True
+            metric_list.append({"metric": metric, "aggregation": "mean", "higher_is_better": True})
+        if filt != "none":
+            filters.append({"name": filt, "filter": [{"function": "reasonlab-extractor", "extractor": key},
+                                                     {"function": "take_first" if len(records) == len(groups)
+                                                      else "mean-over-repeats"}]})
+    output_type = "multiple_choice" if mode == "loglik" else "generate_until"
+    task_cfg = {"task": task, "dataset_path": f"reasonlab:{task}", "test_split": summary.get("split"),
+                "output_type": output_type, "num_fewshot": s.get("fewshot", 0), "metric_list": metric_list,
+                "repeats": summary.get("samples_per_example", 1), "should_decontaminate": False,
+                "metadata": {"version": summary.get("task_version"), "reasonlab_harness": summary.get("harness_version"),
+                             "prompt_template_sha256": summary.get("prompt_template_sha256"),
+                             "prompt_style": s.get("style"), "chat": s.get("chat")}}
+    if output_type == "generate_until":
+        task_cfg["generation_kwargs"] = {"until": list(gen.get("stop") or []), "do_sample": gen.get("temperature", 0) > 0,
+                                         "temperature": gen.get("temperature", 0.0), "top_p": gen.get("top_p", 1.0),
+                                         "max_gen_toks": gen.get("max_new_tokens")}
+        task_cfg["filter_list"] = filters
+    created = summary.get("created")
+    date = start_time if start_time is not None else time.time()
+    git = summary.get("git") or {}
+    wall = summary.get("wall_time_s") or 0.0
+    sanitized = re.sub(r"[\"<>:/\|\\?\*\[\]]+", "__", model_name)  # lm_eval.utils.sanitize_model_name
+    return {
+        "results": {task: res},
+        "group_subtasks": {task: []},
+        "configs": {task: task_cfg},
+        "versions": {task: summary.get("task_version")},
+        "n-shot": {task: s.get("fewshot", 0)},
+        "higher_is_better": {task: hib},
+        "n-samples": {task: {"original": n_original, "effective": summary.get("n_examples", len(groups))}},
+        "config": {"model": "reasonlab", "model_args": model_args, "batch_size": batch_size, "batch_sizes": [],
+                   "device": device, "use_cache": None, "limit": summary.get("limit"), "bootstrap_iters": 0,
+                   "gen_kwargs": None, "random_seed": s.get("seed"), "numpy_seed": None, "torch_seed": None,
+                   "fewshot_seed": None},
+        "git_hash": (git.get("sha") or "")[:7] or None,
+        "date": date,
+        "task_hashes": {},
+        "model_source": "reasonlab",
+        "model_name": model_name,
+        "model_name_sanitized": sanitized,
+        "system_instruction": None,
+        "system_instruction_sha": None,
+        "fewshot_as_multiturn": False,
+        "chat_template": chat_template if s.get("chat") else None,
+        "chat_template_sha": hashlib.sha256(chat_template.encode()).hexdigest() if chat_template and s.get("chat")
+        else None,
+        "start_time": date,
+        "end_time": date + wall,
+        "total_evaluation_time_seconds": str(wall),
+        "reasonlab": {"summary": f"{summary.get('tag', '')}.json", "created": created, "intervals": {task: intervals},
+                      "note": "exact_match of strict-match / flexible-extract / cot-strict-match compares strings "
+                              "as lm-eval does; evals/<tag>.json compares numbers"},
+    }
+
+
+def write_lm_eval_results(root: str | Path, tag: str, results: dict) -> Path:
+    """<root>/evals/lm_eval/results_<tag>.json (lm-eval's file name pattern, results_*.json; a folder of its own so
+    readers of evals/*.json see only reasonlab summaries), written atomically."""
+    from reasonlab.runs import _atomic_write_text
+
+    d = Path(root) / "evals" / "lm_eval"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"results_{tag}.json"
+    _atomic_write_text(path, json.dumps(results, indent=2, default=str, ensure_ascii=False) + "\n")
+    return path

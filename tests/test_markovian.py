@@ -241,7 +241,7 @@ def test_ablations_non_markovian_prompt_and_expert_iteration_selection():
     f = MK.forward_terms(ei, ro, list(range(4)), actor_grad=False)
     adv = torch.tensor([1.2, -0.3, 0.6, -1.5])
     terms, st = MK.loss_terms(ei, f, ro.ref_logp, torch.zeros(4), torch.ones(4), adv)
-    nll = -(f["lp"] * f["mask"]).sum(-1) / f["mask"].sum(-1)  # (4,)
+    nll = -(f["lp"] * f["mask"]).sum(-1)  # (4,): the selected CoTs' log-likelihoods (rl.agg=seq_sum)
     assert terms["pg"].item() == pytest.approx(((nll[0] + nll[2]) / 2).item(), rel=1e-6)
     assert st["ei/selected_frac"].item() == 0.5
 

@@ -30,8 +30,8 @@ shared/ANCHORS.md, seed 003; pure pieces in reasonlab/rl/markovian.py and reason
   the first minibatch has ratio exactly 1 — logged as ppo/ratio_first_mean), clipped, with dual-clip (Ye et al. 2020,
   verl clip_ratio_c) and a clamped log-ratio. (The public code took the ratio against the frozen base model.)
   The actor-reward term is recomputed on every minibatch at the current parameters with the rollout's group statistics.
-- rl.loss=ei: expert-iteration baseline: NLL of the CoTs whose advantage is >= rl.ei_min_adv within their group
-  (+ KL). The public code thresholded against a running mean + k std of past rewards; ours is per group, stateless.
+- rl.loss=ei: expert-iteration baseline: NLL of the CoTs whose advantage is >= rl.ei_min_adv within their group,
+  aggregated by rl.agg (seq_sum: the CoT's log-likelihood), averaged over the selected CoTs (+ KL). The public code thresholded against a running mean + k std of past rewards; ours is per group, stateless.
 - Evaluation (as the paper): sample one CoT (eval.cot_temperature), then decode the answer greedily (<= data.answer_tokens,
   stop at data.answer_stop) after the same redacted prompt; every extractor of the task is recorded, accuracy with a
   Wilson 95% CI. The untrained model is evaluated on validation and (eval.test_baseline) on test before training;
@@ -351,8 +351,10 @@ def loss_terms(ctx: Ctx, f: dict, ref_logp: torch.Tensor, mean: torch.Tensor, de
         stats.update({f"ppo/{k}": v for k, v in st.items()})
     elif rl.loss == "ei":
         keep = M.expert_iteration_mask(adv, rl.ei_min_adv)  # (b,)
-        nll = -(f["lp"] * f["mask"]).sum(-1) / f["mask"].sum(-1).clamp(min=1.0)  # (b,)
-        pg = (nll * keep).sum() / keep.sum().clamp(min=1.0)
+        # NLL of the selected CoTs, aggregated like the other terms (seq_sum: the CoT's log-likelihood, on the same
+        # scale as the summed KL it is regularized by), averaged over the selected CoTs
+        sel = keep.nonzero().squeeze(-1)  # (n_sel,)
+        pg = masked_mean(-f["lp"][sel], f["mask"][sel], rl.agg) if sel.numel() else (f["lp"] * 0.0).sum()
         stats["ei/selected_frac"] = keep.mean()
     else:
         pg = pg_loss(f["lp"], adv, f["mask"], rl.agg)
@@ -631,6 +633,7 @@ def main(cfg: Config, run: Run) -> dict:
                         "time/wall_s": time.time() - wall0})
         if step % cfg.train.log_every == 0 or audit:
             run.log(step, metrics)
+        training.progress(run, step, cfg.train.steps, metrics)
         if watcher.step(step, metrics):
             break
         if training.eval_due(cfg.eval.every, step, cfg.train.steps):

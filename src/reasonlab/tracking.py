@@ -2,6 +2,11 @@
 run keeps everything it logged); TensorBoard by default; Weights & Biases when configured (offline mode works without a
 network: `wandb sync <run>/wandb/...` uploads later).
 
+TensorBoard also gets the run's config: as text (the resolved YAML, TEXT tab) when the run starts, and as hparams
+(every scalar config leaf, dotted, against the headline metrics the run logged: HPARAMS tab) when it closes, in the
+same event files as the scalars so the plugin joins them (SummaryWriter.add_hparams would open a second run folder).
+A run killed without closing has the config text and no hparams.
+
 Non-finite floats are written as JSON's NaN/Infinity extensions (Python's json reads them back), because a NaN loss is
 exactly what a reader of metrics.jsonl must be able to see.
 """
@@ -11,9 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
+
+# the metrics an hparams row shows: the training loss and every eval's headline number
+HPARAM_METRICS = re.compile(r"^(train/loss|(eval|test)/[^/]+/(accuracy|exact|pass@\d+))$")
 
 
 def _scalar(v: Any) -> Any:
@@ -31,6 +40,8 @@ class Tracker:
         self._f = open(self.dir / "metrics.jsonl", "a", buffering=1)
         self._tb = None
         self._wandb = None
+        self._config = config
+        self._last: dict[str, float] = {}  # the last finite value of every scalar (the hparams metrics at close)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -38,6 +49,11 @@ class Tracker:
                 self._tb = SummaryWriter(log_dir=str(self.dir / "tb"))
             except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
                 self._tb = None
+            if self._tb is not None and config:
+                import yaml
+
+                text = yaml.safe_dump(config, sort_keys=False)
+                self._tb.add_text("config", "```yaml\n" + text + "```", 0)  # markdown: keep the YAML verbatim
         if wandb:
             import wandb as wb
 
@@ -56,15 +72,43 @@ class Tracker:
                     continue
                 if math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+                    self._last[k] = float(v)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=int(step))
 
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:
+            if self._config:
+                self._write_hparams()
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+    def _write_hparams(self) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {k: v for k, v in self._last.items() if HPARAM_METRICS.match(k)}
+        exp, ssi, sei = hparams(hparam_dict(self._config), metrics)
+        for summ in (exp, ssi, sei):
+            self._tb.file_writer.add_summary(summ)
+
+
+def hparam_dict(config: dict) -> dict[str, bool | int | float | str]:
+    """Config leaves as TensorBoard hparams: dotted keys; lists, mappings and None as their JSON text."""
+    out: dict[str, bool | int | float | str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+            return
+        key = prefix[:-1]
+        out[key] = node if isinstance(node, (bool, int, float, str)) else json.dumps(node, default=str)
+
+    walk(config, "")
+    return out
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

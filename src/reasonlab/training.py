@@ -261,7 +261,9 @@ def seed_everything(seed: int) -> None:
 
 
 def print0(*args, **kwargs) -> None:
-    """Print on rank 0 only."""
+    """Print on rank 0 only (on a terminal, below the training progress line, which redraws itself after)."""
+    if dist.is_main():
+        Progress.clear_line()
     dist.print0(*args, **kwargs)
 
 
@@ -404,3 +406,162 @@ def final_eval(run, step: int, best: Best, *, modules: dict, validate: Callable[
     if on_restore is not None:
         on_restore()
     return test(best.step)
+
+
+# --------------------------------------------------------------------------------------------------------- progress
+
+PROGRESS_KEYS = {  # what the progress line shows, from the first key a recipe logs
+    "loss": ("train/loss",),
+    "reward": ("rollout/reward_mean",),
+    "acc": ("train/exact_accuracy", "train/acc", "train/accuracy", "rollout/accuracy", "train/token_accuracy"),
+}
+
+
+def progress(run, step: int, total: int, metrics: dict | None = None) -> None:
+    """The training progress of `run`, one call per loop iteration after its step (`step` = steps done): on a terminal
+    one line redrawn in place (step/total, loss, reward or accuracy, step time, ETA, and a clock while a step or an
+    eval runs); in a log file a plain line at the first step, at the last and at most every PROGRESS_EVERY_S seconds
+    between, and never more than that apart while the run is open (a heartbeat thread says what is still running).
+    Rank 0 only; metric values may be tensors (read only when a line is drawn). Nothing is written to the run folder:
+    metrics.jsonl is the record, this is for the person watching."""
+    if not dist.is_main() or getattr(run, "dry_run", False):
+        return
+    p = _PROGRESS.get(id(run))
+    if p is None or p.run is not run:
+        p = _PROGRESS[id(run)] = Progress(run, total)
+    p.update(step, metrics or {})
+
+
+PROGRESS_EVERY_S = 30.0
+_PROGRESS: dict[int, "Progress"] = {}
+
+
+class Progress:
+    """The state behind `progress()` for one run; a daemon thread keeps a line coming while nothing else does."""
+
+    _open_line: "Progress | None" = None  # the progress whose line is on the terminal now (print0 clears it)
+    _lock = None
+
+    def __init__(self, run, total: int, stream=None, every_s: float | None = None, tty: bool | None = None):
+        import sys
+        import threading
+
+        if Progress._lock is None:
+            Progress._lock = threading.RLock()
+        self.run, self.total = run, int(total)
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.step = self.first_step = None
+        self.t_first = self.t_last_step = self.t_last_line = None
+        self.dts: list[float] = []
+        self.values: dict = {}
+        self._thread = threading.Thread(target=self._heartbeat, name="reasonlab-progress", daemon=True)
+
+    # --- the main thread
+    def update(self, step: int, metrics: dict) -> None:
+        import time
+
+        now = time.monotonic()
+        with Progress._lock:
+            if self.step is not None and step > self.step:
+                self.dts.append((now - self.t_last_step) / (step - self.step))
+                self.dts = self.dts[-50:]
+            if self.step is None:
+                self.first_step, self.t_first = step, now
+                self._thread.start()
+            self.step, self.t_last_step = step, now
+            for name, keys in PROGRESS_KEYS.items():
+                k = next((k for k in keys if k in metrics), None)
+                if k is not None:
+                    self.values[name] = metrics[k]
+            done = step >= self.total
+            since = None if self.t_last_line is None else now - self.t_last_line
+            # a terminal redraws at most 5 times a second (drawing reads the values: a device sync on GPUs)
+            if done or since is None or since >= (0.2 if self.tty else self.every_s):
+                self._emit(self.line(now), final=done)
+
+    # --- the line
+    def line(self, now: float, waiting: float | None = None) -> str:
+        parts = [f"train {self.step}/{self.total}"]
+        for name, v in self.values.items():
+            try:
+                x = float(v.detach().float().mean()) if hasattr(v, "detach") else float(v)
+            except (TypeError, ValueError):
+                continue
+            parts.append(f"{name} {x:.4g}")
+        if self.dts:
+            recent = sorted(self.dts[-20:])
+            parts.append(f"{_dur(recent[len(recent) // 2], fine=True)}/step")
+            done = self.step - self.first_step
+            per = (self.t_last_step - self.t_first) / done if done > 0 else recent[len(recent) // 2]
+            if self.step < self.total:  # mean time per step so far: periodic evals included
+                parts.append(f"ETA {_dur(per * (self.total - self.step))}")
+        if waiting is not None:
+            what = "final evaluation and checkpoint" if self.step >= self.total else f"step {self.step + 1} or an eval"
+            parts.append(f"{what} running for {_dur(waiting)}")
+        return " | ".join(parts)
+
+    def _emit(self, text: str, final: bool = False) -> None:
+        import time
+
+        with Progress._lock:
+            if self.tty:
+                self.stream.write("\r" + text + "\x1b[K" + ("\n" if final else ""))
+                Progress._open_line = None if final else self
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+            self.t_last_line = time.monotonic()
+
+    @classmethod
+    def clear_line(cls) -> None:
+        """Take an open terminal progress line off the screen (the heartbeat redraws it within a second)."""
+        if cls._lock is None:
+            return
+        with cls._lock:
+            p = cls._open_line
+            if p is not None:
+                p.stream.write("\r\x1b[K")
+                p.stream.flush()
+                cls._open_line = None
+
+    # --- the heartbeat thread
+    def _alive(self) -> bool:
+        """Until the run is closed (Run.close drops its tracker) or asked to stop."""
+        run = self.run
+        return getattr(run, "tracker", None) is not None and getattr(run, "stop_reason", None) is None
+
+    def _heartbeat(self) -> None:
+        import time
+
+        while True:
+            time.sleep(1.0)
+            with Progress._lock:
+                if not self._alive():
+                    if self.tty and Progress._open_line is self:
+                        self.stream.write("\n")
+                        self.stream.flush()
+                        Progress._open_line = None
+                    _PROGRESS.pop(id(self.run), None)
+                    return
+                now = time.monotonic()
+                waiting = now - self.t_last_step
+                if self.tty:
+                    if waiting >= 2.0:  # a clock while nothing else moves the line
+                        self._emit(self.line(now, waiting))
+                elif now - self.t_last_line >= self.every_s:
+                    self._emit(self.line(now, waiting))
+
+
+def _dur(seconds: float, fine: bool = False) -> str:
+    """3.2s | 420ms | 4m05s | 2h13m"""
+    if fine and seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s" if fine and seconds < 10 else f"{seconds:.0f}s"
+    m, s = divmod(int(round(seconds)), 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"

@@ -584,6 +584,7 @@ def main(cfg: Config, run: Run) -> dict:
             if info["nll_shuffled"] is not None:
                 metrics["train/nll_shuffled"] = compute.mean(info["nll_shuffled"].mean())
         t_last = time.time()
+        training.progress(run, step, cfg.train.steps, {"train/loss": loss.detach(), **metrics})
         if metrics:
             run.log(step, metrics)
             if watcher.step(step, metrics):

@@ -525,6 +525,7 @@ def main(cfg: Config, run: Run) -> dict:
                            for k, (w, l) in terms.items()}})
         if step % cfg.train.log_every == 0 or "grad/total_norm_audit" in metrics:
             run.log(step, metrics)
+        training.progress(run, step, cfg.train.steps, metrics)
         if watcher.step(step, metrics):
             break
         if training.eval_due(cfg.eval.every, step, cfg.train.steps):

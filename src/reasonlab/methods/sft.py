@@ -213,6 +213,7 @@ def main(cfg: Config, run: Run) -> dict:
             run.log(step, {"train/loss": compute.mean(loss.detach()), "train/grad_norm": gnorm,
                            "train/lr": sched.get_last_lr()[0], "time/step_s": (now - t_last) / cfg.train.log_every})
             t_last = now
+        training.progress(run, step, cfg.train.steps, {"train/loss": loss.detach()})
         if training.eval_due(cfg.eval.every, step, cfg.train.steps):
             best.offer(step, validate(step), save)
         if training.checkpoint_due(cfg.train, step):

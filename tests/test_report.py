@@ -254,3 +254,64 @@ def test_test_peak_note_only_when_an_earlier_test_eval_beats_the_final(root):
         text = write_report(run.dir).read_text()
         row = next(line for line in text.splitlines() if line.startswith("| test |"))
         assert ("optimistic" in row) == (name == "earlier-peak"), row
+
+
+@pytest.fixture(scope="module")
+def sudoku_run(root):
+    """The real TRM recipe on 4x4 sudoku (configs/trm/sudoku4-tiny.yaml: eval.ks [1]), with what it printed."""
+    import contextlib
+    import io
+
+    from conftest import ROOT
+    from reasonlab.config import load_config
+    from reasonlab.methods import trm
+    from reasonlab.runs import Run
+
+    cfg = load_config(ROOT / "configs" / "trm" / "sudoku4-tiny.yaml", ["tracking.tensorboard=false"])
+    run = Run(cfg, root / "sudoku4", install_signals=False)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run.finish(results=trm.main(cfg, run))
+    return run.dir, printed.getvalue()
+
+
+def test_sudoku_report_shows_digits_and_the_recipe_prints_only_its_ks(sudoku_run):
+    run_dir, printed = sudoku_run
+    assert "pass@2" not in printed and "test test" not in printed  # eval.ks: [1]; the split named once
+    assert "\ntest split (checkpoint chosen on val, step " in printed
+    assert re.search(r"step \d+: val exact .* pass@1 \d\.\d{3} over 8 tasks", printed)
+    md = make_report(run_dir).path.read_text()
+    samples = md.split("## Sample outputs")[1].split("\n## ")[0]
+    golds = re.findall(r"gold `([^`]*)`", samples)
+    assert golds and all(re.fullmatch(r"[1-4]{4}( / [1-4]{4}){3}", g) for g in golds), golds  # solutions: digits
+    blocks = re.findall(r"```text\n(.*?)\n```", samples, re.S)
+    assert blocks and all(re.fullmatch(r"([1-4._]{4}\n){3}[1-4._]{4}(\n\(\+\d+ lower-ranked candidates\))?", b)
+                          for b in blocks), blocks
+    assert "[2, " not in samples and "[[" not in samples  # no token ids
+
+
+def test_accuracy_legend_lists_what_is_drawn_and_grad_legend_leaves_the_data_free(sudoku_run, monkeypatch, tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    from reasonlab.diagnostics import plots
+    from reasonlab.diagnostics.runfolder import RunFolder
+
+    run_dir, _ = sudoku_run
+    figs = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.setdefault(path.stem, fig) and path)
+    rf = RunFolder(run_dir)
+    plots.plot_accuracy(rf, tmp_path / "accuracy.png")
+    plots.plot_grad_terms(rf, tmp_path / "grad_terms.png")
+    ax = figs["accuracy"].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert not any("CI" in label for label in labels), labels  # the bands are no legend entries
+    assert any(label.startswith("val pass@1") for label in labels) and any(x.startswith("test") for x in labels)
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert {c.get_label().split()[0] for c in bars} == {"test", "train"}  # one eval each: the CI as an error bar
+    fig = figs["grad_terms"]
+    fig.tight_layout()
+    fig.canvas.draw()
+    for a in fig.axes:
+        leg, box = a.get_legend().get_window_extent(), a.get_window_extent()
+        assert leg.x0 >= box.x1, (leg, box)  # right of the axes, over none of the lines or bars
+        assert leg.x1 <= fig.bbox.x1 + 1  # and still inside the picture

@@ -56,7 +56,9 @@ def _lines(ax, rf: RunFolder, keys: list[str], label_prefix: str = "", style: st
     return drew
 
 
-def _finish(ax, title: str, ylabel: str, legend: bool = True, logy: bool = False) -> None:
+def _finish(ax, title: str, ylabel: str, legend: bool = True, logy: bool = False, outside: bool = False) -> None:
+    """Title, labels, grid, legend. `outside`: the legend right of the axes, for plots whose many lines leave no
+    corner free (inside, "best" still covers data)."""
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -64,7 +66,10 @@ def _finish(ax, title: str, ylabel: str, legend: bool = True, logy: bool = False
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     if legend and ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
+        if outside:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        else:
+            ax.legend(fontsize=7, loc="best")
 
 
 # ----------------------------------------------------------------------------------------------------- single run
@@ -129,8 +134,12 @@ def plot_accuracy(rf: RunFolder, path: Path) -> Path | None:
         pts.sort()
         s, v, lo, hi = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], [p[3] for p in pts]
         c = SPLIT_COLORS.get(split)
-        ax.plot(s, v, "o-", color=c, label=f"{split} {pts[-1][5]} (n={pts[-1][4]})")
-        ax.fill_between(s, lo, hi, color=c, alpha=0.2, label=f"{split} 95% CI")
+        label = f"{split} {pts[-1][5]} (n={pts[-1][4]})"
+        if len(pts) == 1:  # a band over one step has no width: the interval as an error bar
+            ax.errorbar(s, v, yerr=[[v[0] - lo[0]], [hi[0] - v[0]]], fmt="o", color=c, capsize=4, label=label)
+        else:  # the title says what the bands are; the legend lists only what is drawn as a line
+            ax.plot(s, v, "o-", color=c, label=label)
+            ax.fill_between(s, lo, hi, color=c, alpha=0.2, linewidth=0)
         drew = True
     for k in ("train/exact_accuracy", "train/acc", "train/accuracy"):
         if _lines(ax, rf, [k], color="tab:gray", alpha=0.6, linewidth=1):
@@ -139,7 +148,7 @@ def plot_accuracy(rf: RunFolder, path: Path) -> Path | None:
     if not drew:
         return None
     ax.set_ylim(-0.02, 1.02)
-    _finish(ax, "accuracy (bands: 95% CI)", "accuracy")
+    _finish(ax, "accuracy (bands and bars: 95% CI)", "accuracy")
     return _save(fig, path)
 
 
@@ -170,7 +179,7 @@ def plot_grad_terms(rf: RunFolder, path: Path) -> Path | None:
     modules = rf.keys_matching(r"^grad/module/")
     if not terms and not modules:
         return None
-    fig, axes = _figure(2 if terms else 1)
+    fig, axes = _figure(2 if terms else 1, width=9.5)  # room for the legends right of the axes
     ax = axes[0]
     positive = [v for t in terms for v in rf.series(f"grad/term/{t}")[1] if math.isfinite(v) and v > 0]
     floor = min(positive) / 100 if positive else 1e-12
@@ -182,7 +191,8 @@ def plot_grad_terms(rf: RunFolder, path: Path) -> Path | None:
             ax.plot(zeros, [floor] * len(zeros), "x", color=line.get_color(), markersize=9,
                     label=f"{t}: exactly 0 (no gradient)")
     _lines(ax, rf, modules, style="--")
-    _finish(ax, "gradient norm each weighted loss term sends to the trainable parameters", "L2 norm", logy=True)
+    _finish(ax, "gradient norm each weighted loss term sends to the trainable parameters", "L2 norm", logy=True,
+            outside=True)
     if terms:
         ax = axes[1]
         vs = [_mean(rf.series(f"share/loss/{t}")[1]) for t in terms]
@@ -194,7 +204,7 @@ def plot_grad_terms(rf: RunFolder, path: Path) -> Path | None:
         ax.set_ylim(0, 1.05)
         ax.set_title("value share vs gradient share (mean over audits)", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
 
 

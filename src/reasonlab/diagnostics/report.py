@@ -290,16 +290,39 @@ def samples_section(rf: RunFolder, per_kind: int = 2) -> str:
     kinds = {"correct": [r for r in e.records if r.get("correct")],
              "wrong": [r for r in e.records if not r.get("correct") and r.get("valid", True)],
              "invalid (no answer extracted)": [r for r in e.records if r.get("valid") is False]}
+    sudoku = e.summary.get("task") == "sudoku"
     out = [f"## Sample outputs (`evals/{e.tag}.jsonl`, {len(e.records)} records)\n"]
+    if sudoku:
+        out.append("Sudoku grids as digits, row by row (`.` = blank, `_` = padding), decoded from the TRM's tokens.\n")
     for kind, recs in kinds.items():
         out.append(f"**{kind}**: {len(recs)} of {len(e.records)}\n")
         for r in recs[:per_kind]:
             ext = ""
             if "extracted" in r:
                 ext = " extracted `none`" if r["extracted"] is None else f" extracted `{_clip(r['extracted'], 60)}`"
-            out.append(f"- id `{r.get('id')}` gold `{_clip(r.get('gold'), 60)}`{ext}\n\n"
-                       f"```text\n{_clip(r.get('output'), 400)}\n```\n")
+            gold, output = r.get("gold"), r.get("output")
+            if sudoku and _sudoku_rows(gold) is not None:
+                gold = " / ".join(_sudoku_rows(gold))
+                cands = output if isinstance(output, list) and output and isinstance(output[0], list) else [output]
+                rows = _sudoku_rows(cands[0])
+                if rows is not None:
+                    more = f"\n(+{len(cands) - 1} lower-ranked candidates)" if len(cands) > 1 else ""
+                    output = "\n".join(rows) + more
+            out.append(f"- id `{r.get('id')}` gold `{_clip(gold, 120)}`{ext}\n\n"
+                       f"```text\n{_clip(output, 400)}\n```\n")
     return "\n".join(out)
+
+
+def _sudoku_rows(tokens) -> list[str] | None:
+    """A sudoku answer in the TRM's tokens (reasonlab.tasks.sudoku: 0 PAD, 1 blank, d+1 = digit d, row-major) as
+    rows of digits; None when `tokens` is not a square list of token ids."""
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+        return None
+    n = math.isqrt(len(tokens))
+    if n * n != len(tokens):
+        return None
+    cell = {0: "_", 1: "."}
+    return ["".join(cell.get(t, str(t - 1)) for t in tokens[i * n:(i + 1) * n]) for i in range(n)]
 
 
 def plots_section(plots: dict[str, Path], root: Path, errors: dict[str, str] | None = None) -> str:

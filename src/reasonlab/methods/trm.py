@@ -554,8 +554,9 @@ def main(cfg: Config, run: Run) -> dict:
             f"eval/{tname}/exact": m["exact"]["value"], f"eval/{tname}/exact_lo": m["exact"]["lo"],
             f"eval/{tname}/exact_hi": m["exact"]["hi"], f"eval/{tname}/n_tasks": s["n_tasks"]})
         training.print0(f"step {step}: {cfg.data.val_split} exact {m['exact']['value']:.3f} [{m['exact']['lo']:.3f}, "
-                        f"{m['exact']['hi']:.3f}] (n={m['exact']['n']}), pass@1 {m['pass@1']['value']:.3f}, "
-                        f"pass@2 {m.get('pass@2', m['pass@1'])['value']:.3f} over {s['n_tasks']} tasks")
+                        f"{m['exact']['hi']:.3f}] (n={m['exact']['n']}), " +
+                        ", ".join(f"pass@{k} {m[f'pass@{k}']['value']:.3f}" for k in cfg.eval.ks if f"pass@{k}" in m) +
+                        f" over {s['n_tasks']} tasks")
         if last:
             return float(step)
         return m[cfg.eval.select]["value"] if cfg.eval.select in m else m["pass@1"]["value"]
@@ -624,6 +625,7 @@ def main(cfg: Config, run: Run) -> dict:
             run.log(step, row)
             agg, t_last = {}, now
             watcher.step(step, row)
+            training.progress(run, step, cfg.train.steps, row)
             if step % (cfg.train.log_every * 10) == 0:
                 training.print0(f"step {step}: loss {row['train/loss']:.4f} token acc "
                                 f"{row['train/token_accuracy']:.3f} "
@@ -676,7 +678,7 @@ def main(cfg: Config, run: Run) -> dict:
         f"test/{tname}/exact_lo": m["exact"]["lo"], f"test/{tname}/exact_hi": m["exact"]["hi"]})
     fmt = lambda x: f"{x['value']:.4f} [{x['lo']:.4f}, {x['hi']:.4f}] (n={x['n']})"  # noqa: E731
     chosen = "the final weights (eval.select last)" if last else f"checkpoint chosen on {cfg.data.val_split}"
-    training.print0(f"test {cfg.data.test_split} ({chosen}, step {best.step}): exact "
+    training.print0(f"{cfg.data.test_split} split ({chosen}, step {best.step}): exact "
                     f"{fmt(m['exact'])}; pass@1 {fmt(m['pass@1'])}" +
                     (f"; pass@2 {fmt(m['pass@2'])}" if "pass@2" in m else "") +
                     f" over {s['n_tasks']} tasks; train CPU {cpu_train:.0f}s")

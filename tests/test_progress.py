@@ -137,3 +137,19 @@ def test_tensorboard_gets_the_config_as_text_and_hparams(tmp_path):
         ea.summary_metadata["_hparams_/experiment"].plugin_data.content).experiment
     assert {m.name.tag for m in exp.metric_infos} == {"train/loss", "eval/arithmetic/accuracy"}
     assert ea.Scalars("eval/arithmetic/accuracy")[-1].value == pytest.approx(0.3)  # the scalars the row joins
+
+
+def test_the_time_before_the_first_step_has_a_heartbeat_too(monkeypatch):
+    """training.setup starts the progress: model loading and the first evaluation are not silent in a log."""
+    out = io.StringIO()
+    monkeypatch.setattr(training, "PROGRESS_EVERY_S", 1.5)
+    monkeypatch.setattr("sys.stderr", out)
+    run = FakeRun()
+    p = training.progress_start(run, 4)
+    time.sleep(2.6)
+    training.progress(run, 1, 4, {"train/loss": 0.5})
+    assert training.progress_start(run, 4) is p  # one progress per run
+    run.tracker = None
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("train 0/4 | setup (model, data, first evaluation) running for"), lines
+    assert lines[1] == "train 1/4 | loss 0.5"  # the first step is printed whatever came before

@@ -252,6 +252,8 @@ def setup(tc, run=None) -> Compute:
     dist.print0(compute.line())
     if compute.warning:
         dist.print0(f"warning: {compute.warning}")
+    if run is not None:
+        progress_start(run, tc.steps)  # model loading and the first evaluation are not silent either
     return compute
 
 
@@ -424,12 +426,21 @@ def progress(run, step: int, total: int, metrics: dict | None = None) -> None:
     between, and never more than that apart while the run is open (a heartbeat thread says what is still running).
     Rank 0 only; metric values may be tensors (read only when a line is drawn). Nothing is written to the run folder:
     metrics.jsonl is the record, this is for the person watching."""
+    p = progress_start(run, total)
+    if p is not None:
+        p.update(step, metrics or {})
+
+
+def progress_start(run, total: int) -> "Progress | None":
+    """The progress of `run`, its heartbeat running from now on (training.setup calls this: the time before the first
+    step, model loading and the first evaluation, has its heartbeat too). None off rank 0 and in dry runs."""
     if not dist.is_main() or getattr(run, "dry_run", False):
-        return
+        return None
     p = _PROGRESS.get(id(run))
     if p is None or p.run is not run:
         p = _PROGRESS[id(run)] = Progress(run, total)
-    p.update(step, metrics or {})
+        p.start()
+    return p
 
 
 PROGRESS_EVERY_S = 30.0
@@ -445,6 +456,7 @@ class Progress:
     def __init__(self, run, total: int, stream=None, every_s: float | None = None, tty: bool | None = None):
         import sys
         import threading
+        import time
 
         if Progress._lock is None:
             Progress._lock = threading.RLock()
@@ -452,8 +464,8 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
         self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
-        self.step = self.first_step = None
-        self.t_first = self.t_last_step = self.t_last_line = None
+        self.step = self.first_step = self.t_first = self.t_last_line = None
+        self.t_last_step = time.monotonic()  # before the first step: since the progress began
         self.dts: list[float] = []
         self.values: dict = {}
         self._thread = threading.Thread(target=self._heartbeat, name="reasonlab-progress", daemon=True)
@@ -469,7 +481,7 @@ class Progress:
                 self.dts = self.dts[-50:]
             if self.step is None:
                 self.first_step, self.t_first = step, now
-                self._thread.start()
+                self.start()
             self.step, self.t_last_step = step, now
             for name, keys in PROGRESS_KEYS.items():
                 k = next((k for k in keys if k in metrics), None)
@@ -478,11 +490,17 @@ class Progress:
             done = step >= self.total
             since = None if self.t_last_line is None else now - self.t_last_line
             # a terminal redraws at most 5 times a second (drawing reads the values: a device sync on GPUs)
-            if done or since is None or since >= (0.2 if self.tty else self.every_s):
+            if done or step == self.first_step or since is None or since >= (0.2 if self.tty else self.every_s):
                 self._emit(self.line(now), final=done)
+
+    def start(self) -> None:
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()
 
     # --- the line
     def line(self, now: float, waiting: float | None = None) -> str:
+        if self.step is None:
+            return f"train 0/{self.total} | setup (model, data, first evaluation) running for {_dur(waiting or 0.0)}"
         parts = [f"train {self.step}/{self.total}"]
         for name, v in self.values.items():
             try:
@@ -547,10 +565,11 @@ class Progress:
                     return
                 now = time.monotonic()
                 waiting = now - self.t_last_step
-                if self.tty:
+                quiet = now - (self.t_last_line if self.t_last_line is not None else self.t_last_step)
+                if self.tty and self.step is not None:
                     if waiting >= 2.0:  # a clock while nothing else moves the line
                         self._emit(self.line(now, waiting))
-                elif now - self.t_last_line >= self.every_s:
+                elif quiet >= self.every_s:  # a log, or a terminal still showing model loading's own bars
                     self._emit(self.line(now, waiting))
 
 

@@ -439,11 +439,11 @@ def model_card(plan: ExportPlan, meta: dict) -> str:
         lines.append(f"- base model: `{plan.cfg.model.name}` ({plan.cfg.model.dtype})")
         if plan.kind in ("adapter", "merged"):
             lc = plan.cfg.model.lora
-            lines.append(f"- LoRA: r={lc.r}, alpha={lc.alpha}, dropout={lc.dropout}, target_modules={lc.target_modules}")
+            lines.append(f"- LoRA: r={lc.r}, alpha={lc.alpha}, dropout={lc.dropout}, "
+                         f"target_modules={lc.target_modules}")
         if plan.cfg.model.name == "tiny-random":
-            lines.append("- the base is reasonlab's seeded random test model (`tiny-random`): outside reasonlab only the "
-                         "merged export loads" if plan.kind == "adapter" else
-                         "- the base is reasonlab's seeded random test model (`tiny-random`), for tests")
+            lines.append("- the base is reasonlab's seeded random test model `tiny-random` (for tests), built by "
+                         "reasonlab.models.lm.tiny_causal_lm()")
     git = env.get("git") or {}
     if git.get("sha"):
         lines.append(f"- code: reasonlab git {git['sha']}{' (uncommitted changes)' if git.get('dirty') else ''}")

@@ -440,7 +440,8 @@ def resolve_model_source(spec: str, model_args: dict | None = None, dtype: str |
     if dtype and a.get("dtype") and dtype != a["dtype"]:
         raise UserError(f"--dtype {dtype} and --model_args dtype={a['dtype']} disagree: give one")
     want = a.get("dtype") or dtype or "auto"
-    revision, trust, peft, step = a.get("revision"), bool(a.get("trust_remote_code", False)), a.get("peft"), a.get("step")
+    revision, peft, step = a.get("revision"), a.get("peft"), a.get("step")
+    trust = bool(a.get("trust_remote_code", False))
     p = Path(spec).expanduser()
     if step is not None and not (p / "config.yaml").is_file():
         raise UserError(f"--model_args step={step} picks a checkpoint of a run folder, but {spec} is not one")
@@ -605,11 +606,13 @@ def lm_eval_results(records: list[dict], summary: dict, *, model_name: str, mode
     task_cfg = {"task": task, "dataset_path": f"reasonlab:{task}", "test_split": summary.get("split"),
                 "output_type": output_type, "num_fewshot": s.get("fewshot", 0), "metric_list": metric_list,
                 "repeats": summary.get("samples_per_example", 1), "should_decontaminate": False,
-                "metadata": {"version": summary.get("task_version"), "reasonlab_harness": summary.get("harness_version"),
+                "metadata": {"version": summary.get("task_version"),
+                             "reasonlab_harness": summary.get("harness_version"),
                              "prompt_template_sha256": summary.get("prompt_template_sha256"),
                              "prompt_style": s.get("style"), "chat": s.get("chat")}}
     if output_type == "generate_until":
-        task_cfg["generation_kwargs"] = {"until": list(gen.get("stop") or []), "do_sample": gen.get("temperature", 0) > 0,
+        task_cfg["generation_kwargs"] = {"until": list(gen.get("stop") or []),
+                                         "do_sample": gen.get("temperature", 0) > 0,
                                          "temperature": gen.get("temperature", 0.0), "top_p": gen.get("top_p", 1.0),
                                          "max_gen_toks": gen.get("max_new_tokens")}
         task_cfg["filter_list"] = filters

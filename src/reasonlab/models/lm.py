@@ -205,8 +205,9 @@ def load_adapter(model, path: str, *, revision: str | None = None):
         with _peft_reads_deprecated_alias():
             return PeftModel.from_pretrained(model, path, **({"revision": revision} if revision else {}))
     except (OSError, ValueError) as e:
-        raise ModelUnavailable(f"could not load the PEFT adapter '{path}': {str(e).splitlines()[0]} (a folder with "
-                               "adapter_config.json + adapter_model.safetensors, e.g. from `reasonlab export`)") from None
+        raise ModelUnavailable(f"could not load the PEFT adapter '{path}': {str(e).splitlines()[0]} (a folder "
+                               "with adapter_config.json + adapter_model.safetensors, e.g. from `reasonlab export`)"
+                               ) from None
 
 
 @contextlib.contextmanager

@@ -16,7 +16,16 @@ file and the manifest are on disk, so a process killed mid-write leaves the prev
 
 Time budget (`--time-limit 2h30m`): `run.should_stop(step)` measures the step time and the phases the recipe wraps in
 `with run.phase("eval")` / checkpoint saves, and returns True once the time left would not cover one more step plus the
-final eval and final checkpoint. SIGTERM/SIGINT set the same flag: the recipe checkpoints and exits cleanly.
+final eval and final checkpoint. SIGTERM/SIGINT set the same flag: the recipe checkpoints and exits cleanly; an
+evaluation polls `run.signalled` between its batches and stops (training.EvalInterrupted), writing no result.
+
+Resume (`--resume RUN_DIR`) continues from the newest checkpoint that verifies, exactly: every checkpoint records how
+long metrics.jsonl and events.jsonl were when it was written (state.json "run_folder"), and a resume cuts both back
+to that point (what came later is replayed; it moves to superseded/resume-.../, events that say why the run stopped
+stay), moves evals of later steps and the old summary.json there too, and puts back the `best` checkpoint the
+resumed state chose (an older best is kept as checkpoints/best@step_N while a step_N checkpoint refers to it). A
+checkpoint written because a signal interrupted evaluations says so ("redo_evals"): the recipe redoes them. Every
+resume is a "resumed" event. No checkpoint, or none that verifies, is one line naming the fix; nothing is changed.
 """
 
 from __future__ import annotations
@@ -48,6 +57,9 @@ from reasonlab import dist
 from reasonlab.config import to_yaml
 
 CHECKPOINT_FORMAT = 1
+SIGNALS = ("SIGTERM", "SIGINT")
+# events that say why a run stopped or how it went on: kept when a resume cuts events.jsonl back to its checkpoint
+LIFECYCLE_EVENTS = ("signal", "time_limit", "eval_interrupted", "resumed")
 
 
 class RunError(UserError, RuntimeError):
@@ -97,6 +109,63 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        v = json.loads(path.read_text())
+        return v if isinstance(v, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _move(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _cut_jsonl(path: Path, offset: int | None, dropped_to: Path, keep=None) -> int:
+    """Cut a .jsonl file back to its first `offset` bytes; the rows after go to `dropped_to`, except those `keep`
+    accepts, which stay (after the cut). Returns how many rows were dropped."""
+    if offset is None or _file_size(path) <= offset:
+        return 0
+    with open(path, "rb") as f:
+        head, tail = f.read(offset), f.read()
+    kept, dropped = [], []
+    for line in tail.decode("utf-8", errors="replace").splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # the half-written last line of a killed process
+            row = None
+        (kept if keep is not None and isinstance(row, dict) and keep(row) else dropped).append(
+            line if line.endswith("\n") else line + "\n")
+    if dropped:
+        dropped_to.parent.mkdir(parents=True, exist_ok=True)
+        with open(dropped_to, "a") as f:
+            f.writelines(dropped)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(head + "".join(kept).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(dropped)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    try:
+        return open_checkpoint(path).step
+    except RunError:
+        return None
 
 
 def git_info(start: Path | None = None) -> dict:
@@ -229,11 +298,20 @@ class Checkpoint:
 
     def verify(self) -> bool:
         """Every file the manifest names exists with its sha256; nothing else counts."""
-        try:
-            files = self.manifest["files"]
-            return all(sha256_file(self.path / name) == digest for name, digest in files.items())
-        except (OSError, KeyError):
-            return False
+        return self.problem() is None
+
+    def problem(self) -> str | None:
+        """Why this checkpoint cannot be trusted (a missing file, a sha256 mismatch), or None when it verifies."""
+        files = self.manifest.get("files") if isinstance(self.manifest, dict) else None
+        if not isinstance(files, dict) or not files:
+            return "manifest.json lists no files"
+        for name, digest in files.items():
+            try:
+                if sha256_file(self.path / name) != digest:
+                    return f"{name} does not match its sha256"
+            except OSError:
+                return f"{name} is missing"
+        return None
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -273,34 +351,58 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     mf = path / "manifest.json"
     if not mf.exists():
         raise RunError(f"{path} is not a checkpoint (no manifest.json)")
-    manifest = json.loads(mf.read_text())
-    return Checkpoint(path, int(manifest.get("step", -1)), manifest)
+    try:
+        manifest = json.loads(mf.read_text())
+        step = int(manifest.get("step", -1))
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # a JSONDecodeError is a ValueError
+        raise RunError(f"{mf} is unreadable ({type(e).__name__})") from None
+    return Checkpoint(path, step, manifest)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
-    """step_N checkpoints with a manifest, newest first (unverified)."""
+    """step_N checkpoints with a readable manifest, newest first (unverified)."""
+    return [ck for _, _, ck, _ in scan_checkpoints(run_dir) if ck is not None]
+
+
+def scan_checkpoints(run_dir: str | Path,
+                     verify: bool = False) -> list[tuple[Path, int, Checkpoint | None, str | None]]:
+    """Every checkpoints/step_N folder, newest first: (path, N, the checkpoint or None, why it cannot be used or
+    None). Without `verify` only the manifest is read; with it every file's sha256 is checked too."""
     d = Path(run_dir) / "checkpoints"
     out = []
     for p in d.glob("step_*") if d.exists() else []:
-        if re.fullmatch(r"step_\d+", p.name) and (p / "manifest.json").exists():
+        if not (re.fullmatch(r"step_\d+", p.name) and p.is_dir()):
+            continue
+        ck, why = None, None
+        if not (p / "manifest.json").exists():
+            why = "no manifest.json (not completely written)"
+        else:
             try:
-                out.append(open_checkpoint(p))
-            except (RunError, json.JSONDecodeError, ValueError):
-                continue
-    return sorted(out, key=lambda c: c.step, reverse=True)
+                ck = open_checkpoint(p)
+            except RunError:
+                why = "manifest.json unreadable"
+        if ck is not None and verify:
+            why = ck.problem()
+        out.append((p, int(p.name.split("_")[1]), ck, why))
+    return sorted(out, key=lambda x: x[1], reverse=True)
 
 
 def latest_valid_checkpoint(run_dir: str | Path) -> Checkpoint | None:
-    for ck in list_checkpoints(run_dir):
-        if ck.verify():
+    for _, _, ck, why in scan_checkpoints(run_dir, verify=True):
+        if ck is not None and why is None:
             return ck
     return None
 
 
 def save_checkpoint_dir(target: Path, step: int, *, modules: dict[str, torch.nn.Module] | None = None,
                         optimizer=None, scheduler=None, state: dict | None = None, params: str = "trainable",
-                        rng_states: list[dict] | None = None, checksums: bool = True) -> Checkpoint:
-    """Write a checkpoint into a temp sibling, fsync, then rename to `target` (replacing an older one atomically)."""
+                        rng_states: list[dict] | None = None, checksums: bool = True,
+                        tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+                        keep_replaced: Path | None = None) -> Checkpoint:
+    """Write a checkpoint into a temp sibling, fsync, then rename to `target` (replacing an older one: a process
+    killed between the two renames leaves the new one complete under .tmp-*, which repair_checkpoints puts back).
+    `tensors`: further named tensor files (<name>.safetensors, e.g. a recipe's carried state); `keep_replaced`: move a
+    replaced checkpoint there instead of deleting it."""
     from safetensors.torch import save_file
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +414,8 @@ def save_checkpoint_dir(target: Path, step: int, *, modules: dict[str, torch.nn.
             if checksums:  # every parameter, so a frozen module can be proven unchanged between checkpoints
                 for pname, p in module.named_parameters():
                     sums[f"{name}.{pname}"] = tensor_sha256(p)
+        for name, ts in (tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in ts.items()}, str(tmp / f"{name}.safetensors"))
         if optimizer is not None:
             tensors, meta = _optimizer_to_files(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -332,13 +436,50 @@ def save_checkpoint_dir(target: Path, step: int, *, modules: dict[str, torch.nn.
             old = target.with_name(f".old-{target.name}-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            if keep_replaced is not None:
+                shutil.rmtree(keep_replaced, ignore_errors=True)
+                os.replace(old, keep_replaced)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Checkpoint(target, step, manifest)
+
+
+def repair_checkpoints(run_dir: str | Path) -> list[str]:
+    """Finish what a process killed inside save_checkpoint_dir left behind: a checkpoint name that is missing while
+    its complete new (.tmp-) or previous (.old-) folder exists gets the newest of those that verifies; every other
+    leftover is deleted. Returns what was done (for the resume event)."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    notes, by_name = [], {}
+    for p in sorted(d.iterdir()):
+        m = re.fullmatch(r"\.(tmp|old)-(.+)-[A-Za-z0-9_]+", p.name)
+        if m and p.is_dir():
+            by_name.setdefault(m.group(2), []).append((m.group(1), p))
+    for name, found in by_name.items():
+        target = d / name
+        if not target.exists():
+            good = []
+            for kind, p in found:
+                try:
+                    ck = open_checkpoint(p)
+                except RunError:
+                    continue
+                if ck.verify():
+                    good.append((kind == "tmp", ck.manifest.get("created", 0), p))
+            if good:
+                src = max(good)[2]  # the new one when it is complete, else the one it was replacing
+                os.replace(src, target)
+                notes.append(f"{name} restored from {src.name} (a process was killed while replacing it)")
+        for _, p in found:
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True)
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -375,15 +516,17 @@ class Run:
         self.resume_from: Checkpoint | None = None
         self.tracker = None
         self.events_path = self.dir / "events.jsonl"
+        self.interrupted_eval: dict | None = None  # the evaluations a signal stopped (never a result)
+        self._evals: dict | None = None  # while evaluations run: their step and the run folder before them
+        self._last_save: tuple[str, Checkpoint] | None = None
 
-        if resume:
-            if not (self.dir / "config.yaml").exists():
-                raise RunError(f"--resume {self.dir}: not a run folder (no config.yaml)")
-            self.resume_from = latest_valid_checkpoint(self.dir)
-            if self.resume_from is None and list_checkpoints(self.dir):
-                raise RunError(f"--resume {self.dir}: no checkpoint verifies against its manifest")
+        skipped: dict[str, str] = {}
+        if resume:  # every check before anything in the folder changes
+            self.resume_from, skipped = self._resume_checkpoint()
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is not None:
+                self._rewind(self.resume_from, skipped)
             _atomic_write_text(self.dir / "config.yaml", to_yaml(cfg))
             env = {"git": git_info(), "versions": library_versions(), "device": device_info(), "seed": cfg.seed,
                    "method": cfg.method, "command": shlex.join(command or sys.argv), "cwd": os.getcwd(),
@@ -396,6 +539,99 @@ class Run:
             self.tracker = _make_tracker(self.dir, tc, cfg) if not dry_run else None
         if install_signals:
             self._install_signal_handlers()
+
+    # --- resume --------------------------------------------------------------------------------------------------
+    def _resume_checkpoint(self) -> tuple[Checkpoint, dict[str, str]]:
+        """The newest checkpoint that verifies (newer ones that do not: {name: why}), or one RunError line."""
+        new_run = f"reasonlab run {self.dir / 'config.yaml'} --out {self.dir.parent}"
+        if not (self.dir / "config.yaml").exists():
+            raise RunError(f"--resume {self.dir}: not a run folder (no config.yaml)")
+        if self.is_main:  # a kill between the two renames of a checkpoint replacement: put it back first
+            self._repaired = repair_checkpoints(self.dir)
+        dist.barrier()
+        found = scan_checkpoints(self.dir)
+        if not found:
+            raise RunError(f"--resume {self.dir}: this run has no checkpoint (it stopped before its first one; "
+                           f"train.checkpoint_every sets how often they are written), so there is nothing to resume: "
+                           f"start it again as a new run: {new_run}")
+        ck, skipped = None, {}
+        for p, _, c, why in found:  # newest first; sha256 of every file, until one verifies
+            why = why or c.problem()
+            if why is None:
+                ck = c
+                break
+            skipped[p.name] = why
+        if ck is None:
+            why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+            raise RunError(f"--resume {self.dir}: no checkpoint verifies ({why}); nothing was resumed or appended: "
+                           f"start it again as a new run: {new_run}")
+        summary = _read_json(self.dir / "summary.json") or {}
+        steps = getattr(getattr(self.cfg, "train", None), "steps", None)
+        if summary.get("status") == "completed" and isinstance(steps, int) and ck.step >= steps:
+            raise RunError(f"--resume {self.dir}: the run already completed its {steps} steps (summary.json); to "
+                           f"train on, add train.steps=N with N > {steps} to the --resume command")
+        return ck, skipped
+
+    def _rewind(self, ck: Checkpoint, skipped: dict[str, str]) -> None:
+        """Put the run folder back to the moment `ck` was written, so the resumed run appends exactly what the
+        uninterrupted one would have: metrics and events cut back (later events that say why the run stopped stay),
+        evals of later steps, the old summary.json and checkpoints that do not verify moved to superseded/, the
+        `best` checkpoint of the resumed state put back. Ends with the "resumed" event."""
+        rf = ck.state.get("run_folder") or {}
+        prev = _read_json(self.dir / "summary.json") or {}
+        sup = self.dir / "superseded" / f"resume-{time.strftime('%Y%m%d-%H%M%S')}-step_{ck.step}"
+        dropped = _cut_jsonl(self.dir / "metrics.jsonl", rf.get("metrics_bytes"), sup / "metrics.jsonl")
+        dropped_events = _cut_jsonl(self.events_path, rf.get("events_bytes"), sup / "events.jsonl",
+                                    keep=lambda row: row.get("kind") in LIFECYCLE_EVENTS)
+        moved = []
+        for js in sorted((self.dir / "evals").glob("*.json")):
+            step = (_read_json(js) or {}).get("step") if not js.name.startswith("submission_") else None
+            if isinstance(step, int) and step > ck.step:  # written after the checkpoint: the replay writes it again
+                tag = js.name[: -len(".json")]
+                for f in (js, js.with_suffix(".jsonl"), js.with_name(f"submission_{tag}.json"),
+                          self.dir / "evals" / "lm_eval" / f"results_{tag}.json"):
+                    if f.exists():
+                        _move(f, sup / f.relative_to(self.dir))
+                moved.append(tag)
+        for name in skipped:
+            _move(self.dir / "checkpoints" / name, sup / "checkpoints" / name)
+        if (self.dir / "summary.json").exists():
+            _move(self.dir / "summary.json", sup / "summary.json")
+        best_note = self._restore_best(ck, sup)
+        msg = (f"resumed from {ck.path.name} (step {ck.step})"
+               + (f"; newer checkpoints that do not verify were skipped: "
+                  + ", ".join(f"{k} ({v})" for k, v in skipped.items()) if skipped else "")
+               + (f"; {dropped} metrics rows logged after it are replayed" if dropped else "")
+               + ("; redoing the evaluations a signal interrupted" if rf.get("redo_evals") is not None else "")
+               + ("" if rf else "; a checkpoint without run-folder offsets (older reasonlab): nothing was cut back"))
+        self.event(ck.step, "resumed", msg, severity="warning" if skipped else "info", checkpoint=str(ck.path),
+                   from_step=ck.step, previous_status=prev.get("status"), previous_stop_reason=prev.get("stop_reason"),
+                   replayed_metric_rows=dropped, dropped_events=dropped_events, superseded_evals=moved,
+                   skipped_checkpoints=skipped, redo_evals=rf.get("redo_evals"), best=best_note,
+                   repaired=getattr(self, "_repaired", []), superseded=str(sup) if sup.exists() else None)
+        if skipped:
+            print(f"warning: resuming from {ck.path.name}: newer checkpoint(s) do not verify: "
+                  + "; ".join(f"{k}: {v}" for k, v in skipped.items()), file=sys.stderr)
+
+    def _restore_best(self, ck: Checkpoint, sup: Path) -> str | None:
+        """checkpoints/best as the resumed state knows it: a best written after `ck` is set aside, the version the
+        state names (kept as best@step_N) put back."""
+        want = (ck.state.get("best") or {}).get("step") if isinstance(ck.state.get("best"), dict) else None
+        if want is None:
+            return None
+        d = self.dir / "checkpoints"
+        have = _checkpoint_step(d / "best")
+        if have == want or (have is None and want < 0):
+            return None
+        kept = d / f"best@step_{want}"
+        if want >= 0 and not kept.exists():
+            return f"checkpoints/best is step {have}, the resumed state chose step {want}, and no copy of it was kept"
+        if have is not None:
+            _move(d / "best", sup / "checkpoints" / f"best@step_{have}")
+        if want >= 0:
+            os.replace(kept, d / "best")
+            return f"checkpoints/best put back to step {want} (best@step_{want}); step {have}'s is replayed"
+        return f"checkpoints/best (step {have}) was written after the checkpoint: set aside"
 
     def record_env(self, **entries) -> None:
         """Add entries to env.json (the recipe's compute: device and precision actually used, world size)."""
@@ -459,12 +695,38 @@ class Run:
             self._stop_reason = "time_limit"
             self.event(step, "time_limit", f"stopping at step {step}: {self.deadline - now:.0f}s left, the final eval "
                        f"and checkpoint need ~{self.reserve_seconds():.0f}s", severity="info")
-        stop = self._stop_reason is not None
-        return dist.any_true(stop)
+        stop = dist.any_true(self._stop_reason is not None)
+        if stop and dist.is_dist():  # every rank learns why (a signal may reach one process only)
+            reasons = [r for r in dist.gather_object(self._stop_reason) if r]
+            self._stop_reason = self._stop_reason or reasons[0]
+        return stop
 
     @property
     def stop_reason(self) -> str | None:
         return self._stop_reason
+
+    def signalled(self) -> bool:
+        """SIGTERM or SIGINT arrived: evaluations poll this between batches (training.check_stop)."""
+        return self._stop_reason in SIGNALS
+
+    # --- evaluations: one resume point each (training.evals_at) --------------------------------------------------
+    def begin_evals(self, step: int) -> None:
+        """Evaluations after `step` start: a checkpoint written before end_evals (because a signal interrupted them)
+        records the run folder as it was now and asks the resumed run to redo them."""
+        self._evals = {"step": int(step), "offsets": self._offsets()}
+
+    def end_evals(self) -> None:
+        self._evals = None
+
+    def eval_interrupted(self, step: int, what: str) -> None:
+        """A signal stopped `what` (the evaluations after `step`): an event and summary.json say so; no result."""
+        self.interrupted_eval = {"step": int(step), "what": what, "reason": self._stop_reason}
+        self.event(step, "eval_interrupted", f"{self._stop_reason or 'a signal'} during {what}: stopped at its next "
+                   f"batch, no result written; `reasonlab run --resume {self.dir}` redoes it", severity="warning",
+                   what=what)
+
+    def _offsets(self) -> dict:
+        return {"metrics_bytes": _file_size(self.dir / "metrics.jsonl"), "events_bytes": _file_size(self.events_path)}
 
     def _install_signal_handlers(self) -> None:
         import threading
@@ -486,28 +748,64 @@ class Run:
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, *, modules: dict[str, torch.nn.Module] | None = None, optimizer=None,
                         scheduler=None, state: dict | None = None, params: str = "trainable",
-                        name: str | None = None) -> Checkpoint | None:
+                        name: str | None = None, tensors: dict[str, dict[str, torch.Tensor]] | None = None
+                        ) -> Checkpoint | None:
         """Collective: every rank calls it (RNG states are gathered); rank 0 writes. `name='best'` for the
-        validation-chosen checkpoint; default step_<step>, pruned to train.keep_checkpoints."""
+        validation-chosen checkpoint (the one it replaces is kept as best@step_N while a step_N checkpoint's state
+        names it); default step_<step>, pruned to train.keep_checkpoints. The state gets "run_folder": the lengths of
+        metrics.jsonl and events.jsonl (during interrupted evaluations: from before them, and "redo_evals")."""
         rngs = dist.gather_object(rng_state())
         ck = None
         if self.is_main and not self.dry_run:
-            with self.phase("checkpoint"):
-                target = self.dir / "checkpoints" / (name or f"step_{step}")
-                ck = save_checkpoint_dir(target, step, modules=modules, optimizer=optimizer, scheduler=scheduler,
-                                         state=state, params=params, rng_states=rngs)
-                if name is None:
-                    keep = max(1, getattr(self.cfg.train, "keep_checkpoints", 2))
-                    for old in list_checkpoints(self.dir)[keep:]:
-                        shutil.rmtree(old.path, ignore_errors=True)
+            folder = dict(self._evals["offsets"], redo_evals=self._evals["step"]) if self._evals else self._offsets()
+            state = {**(state or {}), "run_folder": folder}
+            # the same step saved again with nothing changed (the stop after a periodic checkpoint): keep that one
+            key = json.dumps([step, {**state, "run_folder": {**folder, "events_bytes": None}}, rngs], default=str)
+            if name is None and self._last_save and self._last_save[0] == key and self._last_save[1].path.exists():
+                ck = self._last_save[1]
+            else:
+                with self.phase("checkpoint"):
+                    d = self.dir / "checkpoints"
+                    target = d / (name or f"step_{step}")
+                    replaced = _checkpoint_step(target) if name == "best" and target.exists() else None
+                    keep = d / f"best@step_{replaced}" if replaced is not None and replaced != step else None
+                    ck = save_checkpoint_dir(target, step, modules=modules, optimizer=optimizer, scheduler=scheduler,
+                                             state=state, params=params, rng_states=rngs, tensors=tensors,
+                                             keep_replaced=keep)
+                    if name is None:
+                        self._last_save = (key, ck)
+                        n_keep = max(1, getattr(self.cfg.train, "keep_checkpoints", 2))
+                        for old in list_checkpoints(self.dir)[n_keep:]:
+                            shutil.rmtree(old.path, ignore_errors=True)
+                    self._prune_best_versions()
         dist.barrier()  # every rank may read it next (the best checkpoint before the test eval)
         return ck
+
+    def _prune_best_versions(self) -> None:
+        """Keep an older best (best@step_N) only while a step_N checkpoint's state still names it: a resume from
+        that checkpoint puts it back."""
+        named = set()
+        for c in list_checkpoints(self.dir):
+            try:
+                b = c.state.get("best")
+            except (OSError, ValueError):
+                continue
+            if isinstance(b, dict):
+                named.add(b.get("step"))
+        for p in (self.dir / "checkpoints").glob("best@step_*"):
+            m = re.fullmatch(r"best@step_(-?\d+)", p.name)
+            if m and int(m.group(1)) not in named:
+                shutil.rmtree(p, ignore_errors=True)
 
     # --- end -----------------------------------------------------------------------------------------------------
     def finish(self, status: str = "completed", **summary) -> None:
         if self.is_main and not self.dry_run:
             row = {"status": status, "stop_reason": self._stop_reason, "elapsed_s": round(self.elapsed(), 2),
                    "time_limit_s": self.time_limit, **summary}
+            if self.interrupted_eval:
+                row["interrupted_eval"] = self.interrupted_eval
+            if self.resume_from is not None:
+                row["resumed_from_step"] = self.resume_from.step
             _atomic_write_text(self.dir / "summary.json", json.dumps(row, indent=2, default=str) + "\n")
         self.close()
 

@@ -9,10 +9,15 @@
     gnorm = compute.clip_grad_norm(params, cfg.train.grad_clip)
     opt.step()
     records = training.sharded(compute, examples, fn)     # evaluation split over processes, gathered in order
-    best = training.Best("accuracy")                      # the checkpoint chosen on validation, never on test
-    if training.eval_due(cfg.eval.every, step, cfg.train.steps):
-        best.offer(step, validate(step), save)
+    start, best, state = training.resume(run, "accuracy", modules=..., optimizer=opt, scheduler=sched)
+    if training.evals_pending(run, start):                # before training (or what a signal interrupted)
+        training.evals_at(run, start, cfg.train, cfg.eval.every, offer, save)
+    ... after each step: training.evals_at(run, step, cfg.train, cfg.eval.every, offer, save)
     result = training.final_eval(run, step, best, modules=..., validate=..., save=..., test=...)
+
+Interruption: SIGTERM/SIGINT set the run's stop flag. Training stops at the next step boundary; an evaluation stops at
+its next batch (its loops call check_stop / generate_checked, and `sharded` makes every process stop together) by
+raising EvalInterrupted, which evals_at / final_eval turn into a checkpoint from which --resume redoes it, exactly.
 
 Distributed: `reasonlab run` under `accelerate launch` (or torchrun) starts one process per device; `setup` builds an
 accelerate `Accelerator` on the process group and `prepare` wraps the trainable modules in DistributedDataParallel, so
@@ -44,6 +49,47 @@ SIGNALS = ("SIGTERM", "SIGINT")
 
 class ComputeError(UserError, RuntimeError):
     """A device / precision / process request this machine cannot serve (one line naming the fix)."""
+
+
+class EvalInterrupted(Exception):
+    """SIGTERM/SIGINT arrived during an evaluation: it stopped at its next batch and wrote no result."""
+
+
+def check_stop(stop: Callable[[], bool] | None) -> None:
+    """Evaluation loops call this before each batch with `stop` = Run.signalled: EvalInterrupted once it is True."""
+    if stop is not None and stop():
+        raise EvalInterrupted()
+
+
+def generate_checked(sampler, prompts: list[list[int]], gc, seeds: list[int] | None = None,
+                     stop: Callable[[], bool] | None = None) -> list:
+    """sampler.generate(prompts, gc, seeds) with `stop` polled before each batch. The own loop sorts the prompts by
+    length and decodes them in batches of gc.batch_size rows; the calls here are exactly those batches (each one
+    already sorted, which the loop's stable sort keeps), so the samples are those of one call (tests/test_resume.py
+    checks it). The hf backend decodes prompt by prompt anyway; vLLM schedules its own batches, so it gets larger
+    calls (its numbers do not depend on the call size only up to its batch invariance)."""
+    from reasonlab.eval.generate import prompt_seeds
+
+    if stop is None or not prompts:
+        return sampler.generate(prompts, gc, seeds=seeds)
+    seeds = prompt_seeds(gc.seed, len(prompts)) if seeds is None else list(seeds)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if getattr(sampler, "name", "own") == "vllm":
+        per = VLLM_CHUNK
+    elif gc.grouped:
+        per = max(1, gc.batch_size // gc.n)  # the own loop's prompts per batch (a prompt's group never split)
+    else:  # rows of one prompt are adjacent: whole batches of rows end on a prompt boundary every lcm(n, batch) rows
+        per = gc.batch_size // math.gcd(gc.n, gc.batch_size)
+    out: list = [None] * len(prompts)
+    for c in range(0, len(order), per):
+        check_stop(stop)
+        idx = order[c:c + per]
+        for i, r in zip(idx, sampler.generate([prompts[i] for i in idx], gc, seeds=[seeds[i] for i in idx])):
+            out[i] = r
+    return out
+
+
+VLLM_CHUNK = 256  # prompts per vLLM call between two polls of the stop flag
 
 
 # ----------------------------------------------------------------------------------------------------------- device
@@ -348,10 +394,16 @@ def sharded(compute: Compute | None, items: list, fn: Callable[[list, int], list
     n, k = len(items), compute.world_size
     bounds = [round(i * n / k) for i in range(k + 1)]
     a, b = bounds[compute.rank], bounds[compute.rank + 1]
-    local = list(fn(list(items[a:b]), a))
+    try:
+        local, stopped = list(fn(list(items[a:b]), a)), False
+    except EvalInterrupted:  # this process saw the signal: the gather below tells the others
+        local, stopped = [], True
+    parts = compute.gather((stopped, local))
+    if any(s for s, _ in parts):
+        raise EvalInterrupted()
     if len(local) != b - a:
         raise RuntimeError(f"sharded: fn returned {len(local)} results for {b - a} items")
-    return [r for part in compute.gather(local) for r in part]
+    return [r for _, part in parts for r in part]
 
 
 @dataclass
@@ -374,14 +426,15 @@ class Best:
         return False
 
     def state(self) -> dict:
-        return {"metric": self.metric, "value": self.value, "step": self.step}
+        return {"metric": self.metric, "value": self.value, "step": self.step, "last_offered": self.last_offered}
 
     @classmethod
     def from_state(cls, state: dict, metric: str) -> "Best":
         """From a checkpoint's state (older checkpoints stored {"acc" | "value", "step"})."""
         s = state.get("best") or {}
         value = s.get("value", s.get("acc", -math.inf))
-        return cls(s.get("metric", metric), -math.inf if value is None else float(value), int(s.get("step", -1)))
+        return cls(s.get("metric", metric), -math.inf if value is None else float(value), int(s.get("step", -1)),
+                   s.get("last_offered"))
 
 
 def checkpoint_due(tc, step: int) -> bool:
@@ -389,25 +442,86 @@ def checkpoint_due(tc, step: int) -> bool:
     return tc.checkpoint_every > 0 and step % tc.checkpoint_every == 0
 
 
+def evals_at(run, step: int, tc, every: int, evaluate: Callable[[int], Any], save: Callable[..., Any]) -> None:
+    """What follows `step` steps: the evaluations due then (step 0: before training, unless eval.every < 0; later:
+    eval_due), `evaluate(step)` (e.g. best.offer(step, validate(step), save)), then train.checkpoint_every's
+    checkpoint. The evaluations are one resume point: a signal during them (EvalInterrupted) checkpoints the weights
+    of `step` with the run folder as it was before them (Run.begin_evals), so --resume redoes them whole, and the run
+    leaves at its next should_stop."""
+    if (every >= 0) if step == 0 else eval_due(every, step, tc.steps):
+        run.begin_evals(step)
+        try:
+            evaluate(step)
+        except EvalInterrupted:
+            run.eval_interrupted(step, f"the evaluations after step {step}")
+            save(step)
+            return
+        finally:
+            run.end_evals()
+    if step > 0 and checkpoint_due(tc, step):
+        save(step)
+
+
+def evals_pending(run, start: int) -> bool:
+    """Before the training loop: are the evaluations after `start` still to do? A new run: those before training; a
+    resumed one: those a signal interrupted (its checkpoint says "redo_evals")."""
+    ck = getattr(run, "resume_from", None)
+    if ck is None:
+        return start == 0
+    return (ck.state.get("run_folder") or {}).get("redo_evals") == start
+
+
+def resume(run, metric: str, *, modules: dict, optimizer=None, scheduler=None, watcher=None) -> tuple[int, Best, dict]:
+    """(start step, the validation choice, the checkpoint's recipe state) from the checkpoint `--resume` picked:
+    weights, optimizer, schedule, every process's RNG streams, Best, the watcher's windows; a new run: (0, Best, {})."""
+    if run.resume_from is None:
+        return 0, Best(metric), {}
+    state = run.resume_from.restore(modules=modules, optimizer=optimizer, scheduler=scheduler)
+    if watcher is not None:
+        load_watcher_state(watcher, state.get("watcher"))
+    redo = (state.get("run_folder") or {}).get("redo_evals") is not None
+    print0(f"resumed from {run.resume_from.path} at step {state['step']}"
+           + (" (redoing the evaluations a signal interrupted)" if redo else ""))
+    return int(state["step"]), Best.from_state(state, metric), state
+
+
+def watcher_state(w) -> dict:
+    """What reasonlab.watch.Watcher carries between steps (streaks toward `patience`, raised conditions, whether the
+    policy moved), for checkpoints. Its stop_reason is not kept: a resumed run is asked to go on."""
+    return {"streak": dict(w.streak), "active": sorted(w.active), "moved": bool(w.moved)}
+
+
+def load_watcher_state(w, state: dict | None) -> None:
+    if state:
+        w.streak, w.active, w.moved = dict(state["streak"]), set(state["active"]), bool(state["moved"])
+
+
 def final_eval(run, step: int, best: Best, *, modules: dict, validate: Callable[[int], float],
                save: Callable[..., Any], test: Callable[[int], Any],
                on_restore: Callable[[], Any] | None = None) -> Any | None:
     """The end of every recipe: checkpoint the final weights; after SIGTERM/SIGINT stop there (the checkpoint is what
-    a preempted job needs); validate the final weights unless they were just validated; load checkpoints/best (the
-    validation choice) into `modules` on every process, then `on_restore()` (e.g. hand the weights to a vLLM engine);
-    evaluate the test split ONCE on it. Returns test(best.step), or None after a signal."""
+    a preempted job needs; after evaluations a signal interrupted, evals_at already wrote it); validate the final
+    weights unless they were just validated; load checkpoints/best (the validation choice) into `modules` on every
+    process, then `on_restore()` (e.g. hand the weights to a vLLM engine); evaluate the test split ONCE on it.
+    Returns test(best.step), or None after a signal (also one during these evaluations: no result is written, and
+    --resume from the checkpoint written here redoes them)."""
     from reasonlab.runs import open_checkpoint
 
-    save(step)
+    if getattr(run, "interrupted_eval", None) is None:  # else evals_at's checkpoint (redo the evals) is the one
+        save(step)
     if run.stop_reason in SIGNALS:
         return None
-    if best.last_offered != step:
-        best.offer(step, validate(step), save)
-    # always reload: checkpoints/best holds the evaluated weights (an EMA, when the recipe evaluates one)
-    open_checkpoint(run.dir / "checkpoints" / "best").restore(modules=modules, rng=False)
-    if on_restore is not None:
-        on_restore()
-    return test(best.step)
+    try:  # a signal from here on: the checkpoint just written is the resume point (the final evals are redone)
+        if best.last_offered != step:
+            best.offer(step, validate(step), save)
+        # always reload: checkpoints/best holds the evaluated weights (an EMA, when the recipe evaluates one)
+        open_checkpoint(run.dir / "checkpoints" / "best").restore(modules=modules, rng=False)
+        if on_restore is not None:
+            on_restore()
+        return test(best.step)
+    except EvalInterrupted:
+        run.eval_interrupted(step, "the final evaluations")
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------- progress

@@ -95,13 +95,15 @@ def _mode_for(task: Task, examples: list[Example], s: EvalSettings) -> str:
 
 def evaluate(model, tok, task: str | Task, split: str = "test", limit: int | None = None, samples: int = 1, *,
              settings: EvalSettings | None = None, examples: list[Example] | None = None, model_id: str | None = None,
-             task_kwargs: dict | None = None, compute=None, sampler=None, **overrides) -> tuple[list[dict], dict]:
+             task_kwargs: dict | None = None, compute=None, sampler=None, stop=None,
+             **overrides) -> tuple[list[dict], dict]:
     """Evaluate `model` on the first `limit` examples of `task`/`split`. Returns (records, summary).
 
     `settings` or keyword overrides (temperature=..., style=...) configure prompts and sampling. `examples` replaces
     the task's own examples (e.g. a fixed validation subset a recipe picked once). `compute` (reasonlab.training):
     the examples are split over its processes and the records gathered, in order, on every rank. `sampler`: a
-    generation backend (reasonlab.eval.generate.make_sampler); default the own loop on `model`.
+    generation backend (reasonlab.eval.generate.make_sampler); default the own loop on `model`. `stop` (a recipe's
+    Run.signalled): polled before every generation batch; once True the evaluation raises training.EvalInterrupted.
     """
     s = settings or EvalSettings(samples=samples, **overrides)
     if settings is not None and (overrides or samples != 1):
@@ -121,7 +123,7 @@ def evaluate(model, tok, task: str | Task, split: str = "test", limit: int | Non
         records = sharded(compute, exs, lambda part, off: _group_records(part, _run_loglik(model, tok, task, part, s)))
     else:
         records = sharded(compute, exs, lambda part, off: _group_records(
-            part, _run_generate(model, tok, task, part, s, sampler, off)[0]))
+            part, _run_generate(model, tok, task, part, s, sampler, off, stop)[0]))
     records = [r for group in records for r in group]
     n_tokens = sum(r.get("new_tokens", 0) for r in records)
     wall = time.perf_counter() - t0
@@ -201,13 +203,19 @@ def eval_log(summary: dict, prefix: str) -> dict[str, float]:
 
 
 def _run_generate(model, tok, task: Task, exs: list[Example], s: EvalSettings, sampler=None,
-                  offset: int = 0) -> tuple[list[dict], int]:
-    from reasonlab.eval.generate import encode, prompt_seeds
+                  offset: int = 0, stop=None) -> tuple[list[dict], int]:
+    from reasonlab.eval.generate import OwnSampler, encode, prompt_seeds
 
     prompts = [format_prompt(tok, task.prompt(e, s.style), s.chat) for e in exs]
     gc = s.gen_config()
     seeds = prompt_seeds(gc.seed, len(exs), offset)  # per example: the same samples however the split is sharded
-    if sampler is None:
+    if stop is not None:  # batch by batch, polling the stop flag (the same samples: training.generate_checked)
+        from reasonlab.training import generate_checked
+
+        ids = encode(tok, prompts if sampler is not None else [format_prompt(tok, p, s.chat) for p in prompts],
+                     s.chat)  # the token ids each branch below decodes
+        out = generate_checked(sampler or OwnSampler(model, tok), ids, gc, seeds=seeds, stop=stop)
+    elif sampler is None:
         out = generate(model, tok, prompts, gc, chat=s.chat, seeds=seeds)
     else:
         out = sampler.generate(encode(tok, prompts, s.chat), gc, seeds=seeds)

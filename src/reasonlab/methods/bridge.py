@@ -29,8 +29,12 @@ Interlat arXiv 2511.09149):
   over the processes by chunks of eval.batch_size rows (the shuffled control permutes within a chunk).
 - Run contract: metrics (train/*, grad/term/* via rl.audit every watch.audit_every steps, encoder/* soft-token stats,
   eval/*, time/cpu_s = process CPU seconds), evals/<split>.<task>@step_N[+control=NAME], checkpoints of the bridge
-  (+ LoRA), resume, --time-limit, SIGTERM, --dry-run (tiny stand-in models when the configured ones are not available
-  offline), report.md at the end (written by `reasonlab run` after the run folder records how it ended).
+  (+ LoRA), --time-limit, SIGTERM (an evaluation stops at its next chunk, redone on resume), --dry-run (tiny stand-in
+  models when the configured ones are not available offline), report.md at the end (written by `reasonlab run` after
+  the run folder records how it ended). Resume is exact: besides weights, AdamW, schedule, RNG streams, the
+  validation choice and the watcher's windows, a checkpoint holds the cached frozen-model eval records (target_text
+  without LoRA, source alone): recomputing them would put the target's text rows back into the decode batches of the
+  other conditions and change their padding.
 
     reasonlab run configs/bridge/minilm-to-smollm2.yaml
 """
@@ -347,6 +351,7 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
         """Every condition's rows of each chunk, decoded. One result per chunk."""
         out = []
         for c, (a, b) in enumerate(part, start=offset):
+            training.check_stop(getattr(run, "signalled", None))  # SIGTERM: stop before the next chunk
             chunk = exs[a:b]
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 104_729 + c)  # per chunk: any sharding
             states, smask = source.encode(source_texts(chunk, task, cfg))
@@ -389,7 +394,9 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
         if ("source", split) not in cache:
             with training.autocast_of(ctx.get("compute")):
                 cache[("source", split)] = training.sharded(ctx.get("compute"), exs,
-                                                            lambda part, _: source_alone(ctx, part))
+                                                            lambda part, _: source_alone(ctx, part,
+                                                                                         getattr(run, "signalled",
+                                                                                                 None)))
         recs["source_alone"] = cache[("source", split)]
 
     split_name = "val" if split == cfg.data.val_split else ("test" if split == cfg.data.test_split else split)
@@ -420,15 +427,16 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
     return out
 
 
-def source_alone(ctx: dict, exs) -> list[dict]:
+def source_alone(ctx: dict, exs, stop=None) -> list[dict]:
     """The source model answering the task prompt itself (greedy, same budget and stop strings)."""
-    from reasonlab.eval.generate import GenConfig, generate
+    from reasonlab.eval.generate import GenConfig, OwnSampler, encode
 
     cfg, task, source = ctx["cfg"], ctx["task"], ctx["source"]
     prompts = [task.prompt(e, cfg.data.style) for e in exs]
     gc = GenConfig(max_new_tokens=cfg.eval.max_new_tokens, stop=tuple(cfg.eval.stop), batch_size=cfg.eval.batch_size,
                    progress=False)
-    samples = generate(source.model, source.tok, prompts, gc)
+    samples = training.generate_checked(OwnSampler(source.model, source.tok), encode(source.tok, prompts, False), gc,
+                                        stop=stop)
     return score_records(task, exs, [s[0].text for s in samples], prompts)
 
 
@@ -529,17 +537,15 @@ def main(cfg: Config, run: Run) -> dict:
     record_train_ids(run, [e.id for e in train])
     watcher = Watcher(run, cfg.watch)
     modules = {"bridge": bridge_module} | ({"target": target_module} if cfg.target.lora.r > 0 else {})
-    start, best = 0, training.Best("accuracy")
-    if run.resume_from is not None:
-        state = run.resume_from.restore(modules=modules, optimizer=opt, scheduler=sched)
-        start, best = state["step"], training.Best.from_state(state, "accuracy")
-        training.print0(f"resumed from {run.resume_from.path} at step {start}")
+    start, best, state = training.resume(run, "accuracy", modules=modules, optimizer=opt, scheduler=sched,
+                                         watcher=watcher)
+    cache: dict = {(c, s): recs for c, s, recs in state.get("eval_cache", [])}  # frozen-model eval records
 
     def save(step: int, name: str | None = None):
         run.save_checkpoint(step, modules=modules, optimizer=opt, scheduler=sched, name=name,
-                            state={"best": best.state(), "selected_on": "val", "metric": f"eval/{task.name}/acc"})
-
-    cache: dict = {}
+                            state={"best": best.state(), "selected_on": "val", "metric": f"eval/{task.name}/acc",
+                                   "watcher": training.watcher_state(watcher),
+                                   "eval_cache": [[c, s, recs] for (c, s), recs in cache.items()]})
 
     def validate(step: int) -> float:
         with run.phase("eval"):
@@ -548,10 +554,13 @@ def main(cfg: Config, run: Run) -> dict:
         training.print0(f"step {step}: validation {fmt(res)}")
         return res["bridged"]["metrics"]["accuracy"]["value"]
 
+    def offer(step: int) -> None:
+        best.offer(step, validate(step), save)
+
     n_test = cfg.eval.test_limit or len(task.examples(cfg.data.test_split))
     run.final_eval_scale = 1.0 + n_test / max(1, len(val))
-    if start == 0 and cfg.eval.every >= 0:
-        best.offer(0, validate(0), save)
+    if training.evals_pending(run, start):
+        training.evals_at(run, start, cfg.train, cfg.eval.every, offer, save)
 
     # ---- train ---------------------------------------------------------------------------------------------------
     step, t_last = start, time.time()
@@ -589,10 +598,7 @@ def main(cfg: Config, run: Run) -> dict:
             run.log(step, metrics)
             if watcher.step(step, metrics):
                 break
-        if training.eval_due(cfg.eval.every, step, cfg.train.steps):
-            best.offer(step, validate(step), save)
-        if training.checkpoint_due(cfg.train, step):
-            save(step)
+        training.evals_at(run, step, cfg.train, cfg.eval.every, offer, save)
 
     # ---- final: validation, then test once on the best-on-validation checkpoint ----------------------------------
     def test_once(best_step: int) -> dict:

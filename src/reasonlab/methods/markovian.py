@@ -46,6 +46,11 @@ shared/ANCHORS.md, seed 003; pure pieces in reasonlab/rl/markovian.py and reason
   question groups and DDP averages the gradients, so the update equals the 1-process update on the same global batch;
   evaluation is split over the processes. CoTs are sampled by `rollout.backend` (own loop | hf | vllm with the
   policy's weights handed over after every update); the reference CoT is always decoded by the own loop.
+- Resume is exact: the adapter, AdamW, the schedule, the RNG streams, the validation choice and the watcher's
+  windows are checkpointed; the questions and CoT seeds of a step are functions of (seed, step, slot). The cache of
+  ln pi_ref(answer | greedy CoT_ref) is not saved: each entry is the reference (the frozen base) decoding one
+  question alone, greedily, so a resumed run recomputes the same numbers. SIGTERM during an evaluation stops it at
+  its next generation batch; --resume redoes it.
 - Not implemented: the paper's EMA reward baseline (rl `r`), CoT-length curricula, the wiki perturbation analyses.
 
     reasonlab run configs/markovian/arithmetic-smollm2.yaml
@@ -387,12 +392,15 @@ def evaluate(ctx: Ctx, examples: list[Example], tag: str, step: int, run: Run, c
     answer_cfg = GenConfig(n=1, temperature=0.0, max_new_tokens=cfg.data.answer_tokens,
                            stop=tuple(cfg.data.answer_stop), batch_size=cfg.eval.batch_size, progress=False)
 
+    stop = getattr(run, "signalled", None)  # SIGTERM: stop at the next generation batch
+
     def answer(exs: list[Example], offset: int) -> list[dict]:
         prompts = [ctx.question_ids(e) for e in exs]
         gc = cot_config(ctx, 1, cfg.eval.cot_temperature, batch_size=cfg.eval.batch_size)
-        cots = ctx.sampler.generate(prompts, gc, seeds=prompt_seeds(cfg.eval.seed, len(exs), offset))
+        cots = training.generate_checked(ctx.sampler, prompts, gc, seeds=prompt_seeds(cfg.eval.seed, len(exs), offset),
+                                         stop=stop)
         ctxs = [ctx.scoring_prefix_ids(e) + c[0].token_ids + sep for e, c in zip(exs, cots)]
-        answers = ctx.sampler.generate(ctxs, answer_cfg)
+        answers = training.generate_checked(ctx.sampler, ctxs, answer_cfg, stop=stop)
         return [sample_record(ctx.task, e, a[0], prompt=tok.decode(p), cot=c[0].text,
                               answer_in_cot=M.answer_in_text(e.gold, c[0].text))
                 for e, p, c, a in zip(exs, prompts, cots, answers)]
@@ -589,16 +597,14 @@ def main(cfg: Config, run: Run) -> dict:
 
     watcher = Watcher(run, cfg.watch)
     record_train_ids(run, [e.id for e in train])
-    start, best = 0, training.Best("accuracy")
+    start, best, _ = training.resume(run, "accuracy", modules={"model": model}, optimizer=opt, scheduler=sched,
+                                     watcher=watcher)
     if run.resume_from is not None:
-        state = run.resume_from.restore(modules={"model": model}, optimizer=opt, scheduler=sched)
-        start, best = state["step"], training.Best.from_state(state, "accuracy")
-        sampler.sync(model)
-        training.print0(f"resumed from {run.resume_from.path} at step {start}")
+        sampler.sync(model)  # a vLLM engine samples the resumed weights
 
     def save(step: int, name: str | None = None):
-        run.save_checkpoint(step, modules={"model": model}, optimizer=opt, scheduler=sched,
-                            state={"best": best.state()}, name=name)
+        run.save_checkpoint(step, modules={"model": model}, optimizer=opt, scheduler=sched, name=name,
+                            state={"best": best.state(), "watcher": training.watcher_state(watcher)})
 
     def eval_on(examples, tag: str, step: int, prefix: str) -> dict:
         with run.phase("eval"), compute.autocast():
@@ -614,11 +620,14 @@ def main(cfg: Config, run: Run) -> dict:
 
     test = task.examples(cfg.data.test_split)
     test = test[: cfg.eval.test_limit] if cfg.eval.test_limit else test
-    run.final_eval_scale = 1.0 + len(test) / max(1, len(val))  # final = validation + test
-    if start == 0 and cfg.eval.every >= 0:
-        best.offer(0, validate(0), save)
-        if cfg.eval.test_baseline:
+    def evals(step: int) -> None:  # before training: also the untrained model on test (the "before" number)
+        best.offer(step, validate(step), save)
+        if step == 0 and cfg.eval.test_baseline:
             eval_on(test, "test_base_step0", 0, "test_base")
+
+    run.final_eval_scale = 1.0 + len(test) / max(1, len(val))  # final = validation + test
+    if training.evals_pending(run, start):
+        training.evals_at(run, start, cfg.train, cfg.eval.every, evals, save)
 
     # ---- train ---------------------------------------------------------------------------------------------------
     step = start
@@ -636,10 +645,7 @@ def main(cfg: Config, run: Run) -> dict:
         training.progress(run, step, cfg.train.steps, metrics)
         if watcher.step(step, metrics):
             break
-        if training.eval_due(cfg.eval.every, step, cfg.train.steps):
-            best.offer(step, validate(step), save)
-        if training.checkpoint_due(cfg.train, step):
-            save(step)
+        training.evals_at(run, step, cfg.train, cfg.eval.every, evals, save)
 
     # ---- final: checkpoint, validation, test once on the best-on-validation checkpoint ---------------------------
     def test_once(best_step: int) -> dict:

@@ -42,8 +42,11 @@ f(Y) = mean reward(Y) x diversity(Y); Poly-PPO's subset estimator). What is impl
   shard of the step's prompts and DDP averages the gradients (train.agg seq_mean / seq_sum: the update equals the
   one-process update; token_mean weighs each process's tokens alone); rollout statistics are computed over the whole
   global batch; evaluation is split over the processes.
-- Run-folder contract: metrics, events (watcher), checkpoints (the LoRA adapter), resume, --time-limit, SIGTERM,
-  --dry-run, report.md (written by `reasonlab run` at the end).
+- Run-folder contract: metrics, events (watcher), checkpoints (the LoRA adapter), --time-limit, SIGTERM (an
+  evaluation stops at its next generation batch, redone on resume), --dry-run, report.md (written by `reasonlab run`
+  at the end). Resume is exact: the adapter, AdamW, the schedule, the RNG streams, the validation choice, the
+  watcher's windows and a gradient audit still waiting for a rollout with a non-zero advantage are checkpointed;
+  prompts, samples and subsets of a step are functions of (seed, step, slot).
 
     reasonlab run configs/polychromic/countdown-smollm2.yaml
     reasonlab run configs/polychromic/countdown-smollm2.yaml set.mode=grpo     # the twin
@@ -296,7 +299,8 @@ def evaluate_split(model, tok, task, examples, split: str, cfg: Config, tag: str
                      batch_size=e.batch_size, seed=e.seed, mode="generate", semantic=semantic, progress=False)
     with training.autocast_of(compute):
         records, summary = evaluate(model, tok, task, split=split, examples=examples, settings=s,
-                                    model_id=cfg.model.name, compute=compute, sampler=sampler)
+                                    model_id=cfg.model.name, compute=compute, sampler=sampler,
+                                    stop=getattr(run, "signalled", None))
     summary.update({"tag": tag, "step": step, "method": "polychromic", "set_mode": cfg.set.mode, "seed": cfg.seed})
     run.write_eval(tag, records, summary)
     return summary
@@ -456,16 +460,16 @@ def main(cfg: Config, run: Run) -> dict:
                 "grad_terms": {k: t.grad_norm for k, t in audit.terms.items()}, **compute.describe(),
                 "backend": sampler.name}
 
-    start, best = 0, training.Best(cfg.eval.select_on)
+    start, best, state = training.resume(run, cfg.eval.select_on, modules={"model": model}, optimizer=opt,
+                                         scheduler=sched, watcher=watcher)
     if run.resume_from is not None:
-        state = run.resume_from.restore(modules={"model": model}, optimizer=opt, scheduler=sched)
-        start, best = state["step"], training.Best.from_state(state, cfg.eval.select_on)
-        sampler.sync(model)
-        training.print0(f"resumed from {run.resume_from.path} at step {start}")
+        sampler.sync(model)  # a vLLM engine samples the resumed weights
+    audit_due = bool(state.get("audit_due", False))  # an audit waiting for a rollout with a non-zero advantage
 
     def save(step: int, name: str | None = None):
-        run.save_checkpoint(step, modules={"model": model}, optimizer=opt, scheduler=sched,
-                            state={"best": best.state()}, name=name)
+        run.save_checkpoint(step, modules={"model": model}, optimizer=opt, scheduler=sched, name=name,
+                            state={"best": best.state(), "watcher": training.watcher_state(watcher),
+                                   "audit_due": audit_due})
 
     def validate(step: int) -> float:
         with run.phase("eval"):
@@ -486,13 +490,16 @@ def main(cfg: Config, run: Run) -> dict:
                               f"one of {', '.join(sorted(m))}")
         return float(m[cfg.eval.select_on]["value"])
 
+    def offer(step: int) -> None:
+        best.offer(step, validate(step), save)
+
     run.final_eval_scale = 1.0 + len(test) / max(1, len(val))
-    if start == 0 and cfg.eval.every >= 0:
-        best.offer(0, validate(0), save)
+    if training.evals_pending(run, start):
+        training.evals_at(run, start, cfg.train, cfg.eval.every, offer, save)
 
     # ---- train ---------------------------------------------------------------------------------------------------
     step = start
-    cpu_total, audit_due = 0.0, False
+    cpu_total = 0.0
     while step < cfg.train.steps:
         if run.should_stop(step):
             break
@@ -528,10 +535,7 @@ def main(cfg: Config, run: Run) -> dict:
         training.progress(run, step, cfg.train.steps, metrics)
         if watcher.step(step, metrics):
             break
-        if training.eval_due(cfg.eval.every, step, cfg.train.steps):
-            best.offer(step, validate(step), save)
-        if training.checkpoint_due(cfg.train, step):
-            save(step)
+        training.evals_at(run, step, cfg.train, cfg.eval.every, offer, save)
 
     # ---- final: checkpoint, validation, test once on the best-on-validation checkpoint ---------------------------
     def test_once(best_step: int) -> dict:

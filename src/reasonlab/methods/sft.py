@@ -12,8 +12,11 @@ What is implemented (and nothing more):
   extractor recorded), accuracy with a Wilson 95% CI, the examples split over the processes. Validation before
   training, every `eval.every` steps and at the end; the `best` checkpoint is chosen on validation; test is evaluated
   once, at the end, on that checkpoint.
-- Run-folder contract: metrics, checkpoints (params="trainable": the LoRA adapter when r > 0), resume, --time-limit,
-  SIGTERM, --dry-run (tiny stand-in model when the configured one is not available offline).
+- Run-folder contract: metrics, checkpoints (params="trainable": the LoRA adapter when r > 0), --time-limit, SIGTERM
+  (an evaluation stops at its next generation batch and is redone on resume), --dry-run (tiny stand-in model when the
+  configured one is not available offline). Resume is exact: the weights, AdamW, the schedule, the RNG streams and the
+  validation choice are checkpointed, and the batch of a step is a function of (seed, step); nothing else carries
+  from one step to the next.
 
     reasonlab run configs/sft/arithmetic-smollm2.yaml
 """
@@ -112,7 +115,7 @@ def greedy_eval(sampler, tok, task, examples, cfg: Config, tag: str, step: int, 
         prompts = [render(tok, task.prompt(e, cfg.data.style), cfg.data.chat) for e in exs]
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         with compute.autocast():
-            out = sampler.generate(ids, gc)
+            out = training.generate_checked(sampler, ids, gc, stop=run.signalled)
         return [sample_record(task, e, g[0], prompt=p) for e, p, g in zip(exs, prompts, out)]
 
     records = training.sharded(compute, examples, answer)
@@ -167,11 +170,7 @@ def main(cfg: Config, run: Run) -> dict:
         return {"dry_run": True, "trainable_params": trainable, "total_params": total, **compute.describe(),
                 "backend": sampler.name}
 
-    start, best = 0, training.Best("accuracy")
-    if run.resume_from is not None:
-        state = run.resume_from.restore(modules={"model": model}, optimizer=opt, scheduler=sched)
-        start, best = state["step"], training.Best.from_state(state, "accuracy")
-        training.print0(f"resumed from {run.resume_from.path} at step {start}")
+    start, best, _ = training.resume(run, "accuracy", modules={"model": model}, optimizer=opt, scheduler=sched)
 
     def save(step: int, name: str | None = None):
         run.save_checkpoint(step, modules={"model": model}, optimizer=opt, scheduler=sched,
@@ -189,9 +188,12 @@ def main(cfg: Config, run: Run) -> dict:
     def validate(step: int) -> float:
         return evaluate(val, f"val_step{step}", step, "eval")["metrics"]["accuracy"]["value"]
 
+    def offer(step: int) -> None:
+        best.offer(step, validate(step), save)
+
     run.final_eval_scale = 1.0 + len(test) / max(1, len(val))  # final = validation + test
-    if start == 0 and cfg.eval.every >= 0:
-        best.offer(0, validate(0), save)
+    if training.evals_pending(run, start):
+        training.evals_at(run, start, cfg.train, cfg.eval.every, offer, save)
 
     # ---- train ---------------------------------------------------------------------------------------------------
     step = start
@@ -214,10 +216,7 @@ def main(cfg: Config, run: Run) -> dict:
                            "train/lr": sched.get_last_lr()[0], "time/step_s": (now - t_last) / cfg.train.log_every})
             t_last = now
         training.progress(run, step, cfg.train.steps, {"train/loss": loss.detach()})
-        if training.eval_due(cfg.eval.every, step, cfg.train.steps):
-            best.offer(step, validate(step), save)
-        if training.checkpoint_due(cfg.train, step):
-            save(step)
+        training.evals_at(run, step, cfg.train, cfg.eval.every, offer, save)
 
     # ---- final: checkpoint, validation, test once on the best-on-validation checkpoint ---------------------------
     def test_once(best_step: int) -> dict:

@@ -31,8 +31,13 @@ What is implemented (Jolicoeur-Martineau 2025, arXiv 2510.04871; models in reaso
   watch.audit_every steps), encoder/* (watch.encoder_stats of the prefix the decoder sees), time/*, the online
   Watcher (events.jsonl), data/train_ids.txt (leakage detector), report.md at the end (written by `reasonlab run`).
   Run contract: checkpoints (params="all"; every step_N also holds the EMA as module.ema.safetensors, so a resumed
-  run continues the same average), resume (the ACT carry restarts empty), --time-limit, SIGTERM, --dry-run (build,
-  one ACT step, parameter counts, no training; grid data capped at 2 augmentations).
+  run continues the same average), --time-limit, SIGTERM (an evaluation stops at its next batch of queries and is
+  redone on resume), --dry-run (build, one ACT step, parameter counts, no training; grid data capped at 2
+  augmentations). Resume is exact: a step_N checkpoint also holds the ACT carry of every slot of the global batch
+  (carry.safetensors: y, z, step counts, halted flags and the samples being worked on; train.checkpoint_carry), the
+  log window's partial sums, the watcher's windows, AdamW, the RNG streams and the validation choice; batches,
+  relabelling and halting draws are functions of (seed, step). The sign-SGD of the puzzle embedding keeps no state
+  (its lr is set from the schedule every step).
 - Compute (reasonlab.training): train.device / train.precision; under `accelerate launch` every process keeps the ACT
   carry of its own contiguous slots of the global batch, DDP averages the dense gradients (TRM + encoder as one
   module), and the sparse puzzle-embedding gradient is all-gathered (training.sync_sparse_grads); the halting
@@ -55,7 +60,7 @@ import torch
 from reasonlab import training
 from reasonlab.config import BaseConfig, EvalConfig, F, TrainConfig
 from reasonlab.watch import Watcher, WatchConfig, encoder_stats, record_train_ids
-from reasonlab.models.trm import TRM, SignSGD, TRMConfig, act_loss, act_loss_terms, grad_norm
+from reasonlab.models.trm import TRM, Carry, SignSGD, TRMConfig, act_loss, act_loss_terms, grad_norm
 from reasonlab.runs import Run, RunError, open_checkpoint, tensor_sha256
 
 
@@ -105,6 +110,9 @@ class TRMTrain(TrainConfig):
     puzzle_emb_lr: float = F(1e-2, "sign-SGD lr of the puzzle embedding (paper ARC: 1e-2)")
     puzzle_emb_weight_decay: float = F(0.1, "decoupled weight decay of the puzzle embedding")
     ema: float = F(0.0, "EMA decay of the weights used for evaluation (paper: 0.999; 0 = off)")
+    checkpoint_carry: bool = F(True, "step_N checkpoints hold the ACT carry (batch x (seq_len + puzzle_emb_len) x "
+                               "hidden x 2 floats: ~2.9 GB for the paper's ARC run), so a resume continues exactly; "
+                               "false: a resumed run restarts it empty, as the official code")
     threads: int = F(1, "torch CPU threads (1 is the most CPU-efficient on a shared machine)")
 
 
@@ -283,10 +291,11 @@ class Conditioned(torch.nn.Module):
 
 @torch.no_grad()
 def evaluate(model, ds, split: str, cfg: Config, conditioning, limit: int = 0,
-             shuffle_demos: bool = False, compute=None) -> tuple[dict, list[dict], dict]:
+             shuffle_demos: bool = False, compute=None, stop=None) -> tuple[dict, list[dict], dict]:
     """Run every query of `split` for halt_max_steps ACT steps, vote, score. -> (summary, records, ranked_by_task).
     shuffle_demos (the ETRM control): every query reads the demonstrations of the next task in the split's order.
-    With `compute`, the queries are split over its processes and every process votes on all of them."""
+    With `compute`, the queries are split over its processes and every process votes on all of them. `stop`
+    (Run.signalled) is polled before every batch (training.EvalInterrupted)."""
     from reasonlab.eval.metrics import accuracy, mean_metric
     from reasonlab.tasks.grids import Candidate, pass_at_k, task_credit, vote
 
@@ -313,6 +322,7 @@ def evaluate(model, ds, split: str, cfg: Config, conditioning, limit: int = 0,
     def run_queries(part: list[int], offset: int) -> list[tuple[bool, Candidate]]:
         out_q = []
         for s in range(0, len(part), cfg.eval.batch_size):
+            training.check_stop(stop)
             qs = part[s:s + cfg.eval.batch_size]
             b = ds.batch(es.idx[qs], with_demos)
             if shuffle_demos:
@@ -490,16 +500,32 @@ def main(cfg: Config, run: Run) -> dict:
 
     last = cfg.eval.select == "last"  # no choice: the final weights (training.Best offered the step number)
     selected_on = "last: the final weights, no choice on any data" if last else cfg.data.val_split
-    start, best = 0, training.Best(cfg.eval.select)
-    if run.resume_from is not None:
-        has_ema = ema is not None and (run.resume_from.path / "module.ema.safetensors").exists()
-        state = run.resume_from.restore(modules=modules | ({"ema": ema} if has_ema else {}), optimizer=opt)
-        start, best = state["step"], training.Best.from_state(state, cfg.eval.select)
+    watcher = Watcher(run, cfg.watch)
+    ck = run.resume_from
+    has_ema = ema is not None and ck is not None and (ck.path / "module.ema.safetensors").exists()
+    start, best, state = training.resume(run, cfg.eval.select, modules=modules | ({"ema": ema} if has_ema else {}),
+                                         optimizer=opt, watcher=watcher)
+    carry = None  # the ACT carry of this process's slots (None: the first step fills every slot)
+    if ck is not None:
         if ema is not None and not has_ema:  # a checkpoint from before the EMA was saved
             ema.reset()
             training.print0("the checkpoint holds no EMA: it restarts from the resumed weights")
-        training.print0(f"resumed from {run.resume_from.path} at step {start} (ACT carry restarts empty"
-                        f"{', EMA restored' if has_ema else ''})")
+        if (ck.path / "carry.safetensors").exists():
+            t = compute.to({k: v[rows] for k, v in ck.tensors("carry").items()})  # this process's slots
+            carry = Carry(t.pop("y"), t.pop("z"), t.pop("steps"), t.pop("halted"),
+                          {k[len("data."):]: v for k, v in t.items()})
+        elif start:
+            training.print0("the checkpoint holds no ACT carry: it restarts empty")
+    agg = dict(state.get("log_window", {}))  # sums toward the next logged row
+
+    def carry_tensors() -> dict | None:
+        """The global batch's carry (every process's slots, in order), for a step_N checkpoint."""
+        if carry is None or not cfg.train.checkpoint_carry:
+            return None
+        local = {"y": carry.y, "z": carry.z, "steps": carry.steps, "halted": carry.halted,
+                 **{f"data.{k}": v for k, v in carry.data.items()}}
+        parts = compute.gather({k: v.detach().cpu() for k, v in local.items()})
+        return {k: torch.cat([p[k] for p in parts]) for k in local}
 
     def frozen_check(step: int) -> dict | None:
         """Per-parameter sha256 of the frozen decoder vs the weights loaded at setup; an error event on a change."""
@@ -523,11 +549,17 @@ def main(cfg: Config, run: Run) -> dict:
         state = {"best": best.state(), "selected_on": selected_on, "ema": cfg.train.ema}
         if frozen_ref is not None:
             state |= {"frozen": ["decoder"], "frozen_check": frozen_check(step)}
+        tensors = None
+        if name is None:
+            state |= {"watcher": training.watcher_state(watcher), "log_window": agg}
+            c = carry_tensors()  # collective
+            tensors = {"carry": c} if c is not None else None
         mods = modules | ({"ema": ema} if ema is not None and name is None else {})
         if name == "best":
             swap_ema()
         try:
-            run.save_checkpoint(step, modules=mods, optimizer=opt, state=state, params="all", name=name)
+            run.save_checkpoint(step, modules=mods, optimizer=opt, state=state, params="all", name=name,
+                                tensors=tensors)
         finally:
             if name == "best":
                 swap_ema()
@@ -544,7 +576,7 @@ def main(cfg: Config, run: Run) -> dict:
             swap_ema()
             try:
                 s, recs, _ = evaluate(model, ds, cfg.data.val_split, cfg, conditioning, cfg.eval.limit,
-                                      compute=compute)
+                                      compute=compute, stop=run.signalled)
             finally:
                 swap_ema()
             s.update(step=step, task=tname, tag=f"val_step{step}")
@@ -566,13 +598,17 @@ def main(cfg: Config, run: Run) -> dict:
     # the shuffled-demos control needs a second task to borrow demonstrations from; it doubles the test eval
     control = encoder is not None and cfg.eval.shuffled_demos and n_test_tasks > 1
     run.final_eval_scale = 1.0 + (1 + control) * n_test_tasks / max(1, cfg.eval.limit or n_val_tasks)
-    watcher = Watcher(run, cfg.watch)
     audit_ps = [p for p in dense + enc_ps if p.requires_grad]  # dense only: the sparse puzzle table is skipped
     setup_s, setup_cpu = time.time() - t_setup, time.process_time() - cpu_setup
 
+    def offer(step: int) -> None:
+        best.offer(step, validate(step), save)
+
     # ---- train ---------------------------------------------------------------------------------------------------
     net.train()
-    carry, step, agg, t_last = None, start, {}, time.time()
+    if start and training.evals_pending(run, start):  # evaluations a signal interrupted (none before training)
+        training.evals_at(run, start, cfg.train, cfg.eval.every, offer, save)
+    step, t_last = start, time.time()
     cpu0 = time.process_time()
     while step < cfg.train.steps:
         if run.should_stop(step):
@@ -632,10 +668,7 @@ def main(cfg: Config, run: Run) -> dict:
                                 f"exact {row['train/exact_accuracy']:.3f} q-acc {row['train/q_halt_accuracy']:.3f} ACT "
                                 f"steps {row['train/steps']:.2f} ({row['time/step_s']:.3f}s/step, cpu "
                                 f"{row['time/cpu_s']:.0f}s)")
-        if training.eval_due(cfg.eval.every, step, cfg.train.steps):
-            best.offer(step, validate(step), save)
-        if training.checkpoint_due(cfg.train, step):
-            save(step)
+        training.evals_at(run, step, cfg.train, cfg.eval.every, offer, save)
 
     # ---- final: checkpoint, validation, test once on the best-on-validation (or the final, select last) weights ---
     cpu_train = time.process_time() - cpu0
@@ -644,7 +677,7 @@ def main(cfg: Config, run: Run) -> dict:
     def test_once(best_step: int) -> dict:
         with run.phase("eval"):
             s, recs, ranked = evaluate(model, ds, cfg.data.test_split, cfg, conditioning, cfg.eval.test_limit,
-                                       compute=compute)
+                                       compute=compute, stop=run.signalled)
             tag = f"test_{'last' if last else 'best'}_step{best_step}"
             s.update(step=step, task=tname, tag=tag, final=True, best_step=best_step, selected_on=selected_on,
                      leakage=ds.info.get("leakage"), cpu_train_s=round(cpu_train, 1))
@@ -655,14 +688,15 @@ def main(cfg: Config, run: Run) -> dict:
                 write_submission(run.dir / "evals" / f"submission_{tag}.json", ranked)
             if control:
                 ctrl, crecs, _ = evaluate(model, ds, cfg.data.test_split, cfg, conditioning, cfg.eval.test_limit,
-                                          shuffle_demos=True, compute=compute)
+                                          shuffle_demos=True, compute=compute, stop=run.signalled)
                 ctrl.update(step=step, task=tname, tag=f"{tag}+control=shuffled_demos", final=True,
                             control="shuffled_demos", base=tag,
                             note="every task read the demonstrations of the next task in the split")
                 run.write_eval(ctrl["tag"], crecs, ctrl)
                 out["ctrl"] = ctrl
             if cfg.eval.train_limit and "train" in ds.evals:  # same weights, training tasks: the generalization gap
-                tr, trecs, _ = evaluate(model, ds, "train", cfg, conditioning, cfg.eval.train_limit, compute=compute)
+                tr, trecs, _ = evaluate(model, ds, "train", cfg, conditioning, cfg.eval.train_limit, compute=compute,
+                                        stop=run.signalled)
                 ttag = f"train_{'last' if last else 'best'}_step{best_step}"
                 tr.update(step=step, task=tname, tag=ttag, final=True)
                 run.write_eval(ttag, trecs, tr)

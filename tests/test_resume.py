@@ -337,3 +337,27 @@ def record_final(run_dir: Path) -> dict:
     w = {k: v.tolist() for k, v in load_file(str(run_dir / "checkpoints" / "step_6" /
                                                  "module.model.safetensors")).items()}
     return {"metrics": rows, "evals": evals, "weights": w}
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_generation_polled_batch_by_batch_gives_the_samples_of_one_call(grouped):
+    """generate_checked calls the own loop once per batch it would make anyway (sorted by length, batch_size rows):
+    the same tokens as one call, sampled and greedy, and a stop between batches raises EvalInterrupted."""
+    from reasonlab.eval.generate import GenConfig, OwnSampler
+    from reasonlab.models.lm import tiny_causal_lm
+    from reasonlab.training import EvalInterrupted, generate_checked
+
+    model, tok = tiny_causal_lm()
+    sampler = OwnSampler(model.eval(), tok)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 200, (int(n),), generator=g).tolist() for n in torch.randint(2, 12, (11,), generator=g)]
+    for temperature, n in ((1.0, 3), (0.0, 1)):
+        gc = GenConfig(n=n, temperature=temperature, max_new_tokens=5, batch_size=4, seed=7, grouped=grouped,
+                       progress=False)
+        one = sampler.generate(prompts, gc)
+        polled = generate_checked(sampler, prompts, gc, stop=lambda: False)
+        assert [[s.token_ids for s in grp] for grp in one] == [[s.token_ids for s in grp] for grp in polled]
+    calls = []
+    with pytest.raises(EvalInterrupted):
+        generate_checked(sampler, prompts, gc, stop=lambda: calls.append(1) or len(calls) > 2)
+    assert len(calls) == 3  # two batches ran, the third was not started

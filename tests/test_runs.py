@@ -195,3 +195,63 @@ def test_dry_run_trains_nothing_and_leaves_nothing(tmp_path, tiny_cfg):
     r = cli("run", str(tiny_cfg), "--dry-run", "--out", str(tmp_path / "runs"))
     assert "trainable" in r.stdout and "nothing trained" in r.stdout
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------- bad input (issue 18)
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Bad input must be caught before any model loads: loading one fails this test."""
+    import reasonlab.models.lm as lm
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was caught")
+
+    monkeypatch.setattr(lm, "tiny_causal_lm", refuse)
+    monkeypatch.setattr(lm, "load_causal_lm", refuse)
+
+
+def test_bad_inputs_are_one_line_exit_2_nothing_on_disk_before_any_model_loads(tmp_path, tiny_cfg, no_model_loads,
+                                                                                monkeypatch):
+    from typer.testing import CliRunner
+
+    from reasonlab.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REASONLAB_DATA", raising=False)
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["run", tiny_cfg, "--out", "afile"], "--out afile is a file"),
+        (["run", tiny_cfg, "--out", "afile/sub"], "cannot be created"),
+        (["run", tiny_cfg, "--out", "runs", "data.task=gsm8k"], "data.task_args for gsm8k"),
+        (["run", tiny_cfg, "--out", "runs", "data.task=gsm8k", "data.task_args={}"], "gsm8k/train: no local data"),
+        (["run", tiny_cfg, "--out", "runs", "data.task=nosuchtask"], "unknown task 'nosuchtask'"),
+        (["run", tiny_cfg, "--out", "runs", "model.name=nosuch/model"], "model 'nosuch/model'"),
+        (["eval", "--model", "tiny-random", "--task", "arithmetic", "--out", "afile"], "--out afile is a file"),
+        (["eval", "--model", "tiny-random", "--task", "arithmetic", "--dtype", "float8"], "--dtype must be one of"),
+        (["eval", "--model", "tiny-random", "--task", "arithmetic", "--samples", "0"], "--samples must be >= 1"),
+        (["eval", "--model", "tiny-random", "--task", "arithmetic", "--device", "tpu"], "--device must be"),
+        (["data", "gsm8k"], "gsm8k/test: no local data"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["eval", "--model", "tiny-random", "--task", "arithmetic", "--device", "cuda"],
+                      "sees no CUDA device"))
+    before = _files(tmp_path)
+    for args, needle in cases:
+        res = CliRunner().invoke(app, [str(a) for a in args])
+        lines = [x for x in res.output.splitlines() if x.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, res.output)
+        assert needle in lines[0], (args, lines[0])
+        assert _files(tmp_path) == before, (args, _files(tmp_path) - before)  # no run folder, no empty --out root
+
+
+def test_dry_run_of_a_paper_config_without_its_data_is_one_line(tmp_path):
+    r = cli("run", "configs/bridge/llama8b-to-mistral7b-gsm8k.yaml", "--dry-run", check=False,
+            env={"REASONLAB_DATA": ""})
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert "gsm8k/train: no local data" in err[0] and "REASONLAB_DATA" in err[0]

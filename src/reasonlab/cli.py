@@ -46,7 +46,7 @@ def run(
     from reasonlab.config import load_config, to_yaml
     from reasonlab.errors import UserError
     from reasonlab.methods import get_method
-    from reasonlab.runs import Run, new_run_id, parse_duration
+    from reasonlab.runs import Run, new_run_id, out_dir_problem, parse_duration
 
     overrides = list(overrides or [])
     # typer hands "key=value" words to `config` when no path is given (e.g. --resume DIR train.steps=50)
@@ -70,16 +70,23 @@ def run(
 
     from reasonlab import training
 
+    # what the config and command name must exist here: one line each, before a folder is made or a model loads
+    try:
+        if not dry_run and resume is None and out_dir_problem(out):
+            _fail(out_dir_problem(out))
+        module = get_method(cfg.method)
+        training.check_inputs(cfg, dry_run=dry_run)
+    except UserError as e:
+        _fail(str(e).splitlines()[0])
     training.init_processes(cfg.train)  # before anything collective (rank 0 names the run folder for everyone)
-    module = get_method(cfg.method)
-    created = False
+    created = out_created = False
     if dry_run:
         run_dir = Path(tempfile.mkdtemp(prefix="reasonlab-dry-run-"))
     elif resume is not None:
         run_dir = resume
     else:
         run_dir = out / dist.gather_object(new_run_id(cfg, str(config)))[0]  # rank 0 names it for everyone
-        created = not run_dir.exists()
+        created, out_created = not run_dir.exists(), not out.exists()
     try:
         r = Run(cfg, run_dir, command=sys.argv, time_limit=limit, dry_run=dry_run, resume=resume is not None,
                 t0=t_start, after_seconds=REPORT_SECONDS if report and not dry_run else 0.0)
@@ -94,7 +101,9 @@ def run(
         # nothing half-written: a run that failed on bad input before it logged anything leaves no folder
         if created and dist.is_main() and _nothing_recorded(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
-        _fail(str(e))
+            if out_created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        _fail(str(e).splitlines()[0])
     except KeyboardInterrupt:
         r.finish("interrupted")
         raise typer.Exit(130)

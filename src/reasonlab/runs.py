@@ -86,6 +86,22 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return h * 3600 + mi * 60 + se
 
 
+def out_dir_problem(path: str | Path, flag: str = "--out") -> str | None:
+    """Why `path` cannot be (or become) a folder this process writes into, as one line naming the fix; None when it
+    can. Nothing is created: the nearest existing ancestor must be a writable folder."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        return f"{flag} {path} is a file, not a folder: give a folder (it is created when missing)"
+    anc = p.absolute()
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"{flag} {path} cannot be created: {anc} is a file; give a folder path"
+    if not os.access(anc, os.W_OK | os.X_OK):
+        return f"{flag} {path} cannot be created: {anc} is not writable by this user; give another folder"
+    return None
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

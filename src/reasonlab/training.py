@@ -303,6 +303,38 @@ def setup(tc, run=None) -> Compute:
     return compute
 
 
+def check_inputs(cfg, dry_run: bool = False) -> None:
+    """What a config names that may not exist here, checked before a run folder is made or any model loads, each
+    problem one UserError line: the task and its arguments, its data files (tasks that read files; a dry run leaves
+    missing data to the recipe, which may stand in examples), and every language model it loads (a dry run stands
+    in a tiny model for one that is not available offline)."""
+    from reasonlab.config import ConfigError
+    from reasonlab.tasks import get_task
+
+    data = getattr(cfg, "data", None)
+    name = getattr(data, "task", None)
+    if isinstance(name, str) and name:
+        try:
+            task = get_task(name, **(getattr(data, "task_args", None) or {}))
+        except TypeError as e:
+            if "argument" not in str(e):
+                raise
+            raise ConfigError(f"data.task_args for {name}: {str(e).split('.')[-1].strip()} (see the task's "
+                              f"constructor: `reasonlab data {name}` lists its examples)") from None
+        if not dry_run and hasattr(task, "data_dir"):  # a task that reads files: are they here?
+            for split in dict.fromkeys(("train", getattr(data, "val_split", None), getattr(data, "test_split", None))):
+                if split:
+                    task.examples(split)
+    if dry_run:
+        return
+    from reasonlab.eval.harness import _check_base
+
+    for section in ("model", "source", "target"):
+        spec = getattr(getattr(cfg, section, None), "name", None)
+        if isinstance(spec, str) and spec:
+            _check_base(spec)
+
+
 def seed_everything(seed: int) -> None:
     """The same seed on every rank: identical initialization and data order everywhere."""
     dist.seed_everything(seed)

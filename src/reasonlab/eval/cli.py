@@ -84,8 +84,25 @@ def eval_cmd(
     tty = sys.stderr.isatty()
     if not tty:  # a log file: a progress bar state at most every 30 s instead of ten carriage returns a second
         os.environ.setdefault("TQDM_MININTERVAL", "30")
+    from reasonlab.runs import out_dir_problem
+
     if dtype is not None and dtype not in H.DTYPE_NAMES:
         _fail(f"--dtype must be one of {', '.join(H.DTYPE_NAMES)}, got {dtype!r}")
+    if out_dir_problem(out):  # before the eval runs: its results must have somewhere to go
+        _fail(out_dir_problem(out))
+    if device is not None and device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            _fail(f"--device {device} but torch {torch.__version__} sees no CUDA device (a CPU build, or no GPU "
+                  "here): use --device cpu, or leave --device out")
+        if ":" in device and (not device.split(":", 1)[1].isdigit()
+                              or int(device.split(":", 1)[1]) >= torch.cuda.device_count()):
+            _fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 .. "
+                  f"cuda:{torch.cuda.device_count() - 1}")
+    elif device is not None and device != "cpu":
+        _fail(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    for flag, v in (("--samples", samples), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
+        if v < 1:
+            _fail(f"{flag} must be >= 1, got {v}")
     if threads:
         torch.set_num_threads(threads)
     if temperature is None:
@@ -96,6 +113,7 @@ def eval_cmd(
         settings = EvalSettings(style=style, fewshot=fewshot, chat=chat, samples=samples, temperature=temperature,
                                 top_p=top_p, max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None,
                                 batch_size=batch_size, seed=seed, mode=mode, semantic=semantic)
+        settings.gen_config()  # --samples 0, --max-new-tokens 0, ...: one line now, not after the model loaded
         task_kwargs = {"fewshot": fewshot}
         if data_dir is not None:
             task_kwargs["data_dir"] = data_dir

@@ -16,12 +16,15 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from reasonlab.errors import UserError
+
 STYLES = ("default", "markovian", "cot")
 LETTERS = "ABCDEFGHIJ"
 
 
-class TaskError(ValueError):
-    """A task was asked for something it cannot give (unknown split, style, missing data); the message names the fix."""
+class TaskError(UserError, ValueError):
+    """A task was asked for something it cannot give (unknown split, style, missing data); the message names the fix
+    (a UserError: the CLI prints it as one line, exit 2)."""
 
 
 @dataclass

@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, cli, only_run_dir, read_json
 from reasonlab.config import load_config
+from reasonlab.diagnostics.report import run_state
+from reasonlab.diagnostics.runfolder import open_run_folder
 from reasonlab.methods import get_method
 from reasonlab.runs import Run, RunError, latest_valid_checkpoint, open_checkpoint
 from reasonlab.tracking import read_jsonl
@@ -184,6 +186,7 @@ def test_interrupted_five_ways_and_resumed_equals_uninterrupted(recipe, tmp_path
     segment(config, run, ov, resume=True, term_in_eval=1)
     s = read_json(run / "summary.json")
     assert s["status"] == "stopped" and s["interrupted_eval"]["what"] == "the final evaluations", s
+    assert "the final evaluations interrupted (no result; --resume redoes it)" in run_state(open_run_folder(run))
     assert not list((run / "evals").glob("test_*best*"))  # an interrupted eval is never a result
     # 6. resumed: redoes the final evaluations and completes
     segment(config, run, ov, resume=True)
@@ -233,6 +236,14 @@ def test_a_newer_checkpoint_that_does_not_verify_is_skipped_loudly(tmp_path):
     assert e["skipped_checkpoints"] == {"step_4": "module.model.safetensors does not match its sha256"}
     assert e["severity"] == "warning" and (Path(e["superseded"]) / "checkpoints" / "step_4").is_dir()
     assert_equal_records(record(ref), record(run))
+    # the report and compare say it was resumed
+    from reasonlab.diagnostics.compare import compare_runs, to_text
+    from reasonlab.diagnostics.report import make_report
+
+    shown = "1x: from step 2 (skipped step_4: did not verify)"
+    assert f"| resumed | {shown} |" in make_report(run).path.read_text()
+    text = to_text(compare_runs([ref, run], out=tmp_path / "cmp", n_boot=200))
+    assert shown in text and "resumed" in text.splitlines()[1]
 
 
 def test_a_completed_run_is_not_resumed_again(tmp_path):

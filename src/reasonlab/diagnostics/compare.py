@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reasonlab.diagnostics.detectors import overall_status, run_detectors
-from reasonlab.diagnostics.report import _clip, flatten, fmt_metric, run_state
+from reasonlab.diagnostics.report import _clip, flatten, fmt_metric, resumes, run_state
 from reasonlab.diagnostics.runfolder import HELD_OUT, EvalFile, RunFolder, open_run_folder
 from reasonlab.errors import UserError
 
@@ -119,7 +119,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None, n_bo
     for label, rf in zip(labels, rfs):
         status, reason = overall_status(run_detectors(rf))
         cells = [label, _clip(f"{status}: {reason}", 90) if status != "healthy" else status, run_state(rf),
-                 str(rf.last_step)]
+                 _clip(resumes(rf), 90), str(rf.last_step)]
         for split in HELD_OUT:
             e = final_eval(rf, split)
             cells.append(f"{fmt_metric(e.primary[1])} ({e.tag})" if e else "-")
@@ -188,7 +188,7 @@ def to_markdown(c: Comparison, out_dir: Path) -> str:
     from reasonlab.diagnostics.report import _table
 
     parts = [f"# Comparison of {len(c.labels)} runs\n", f"Baseline: **{c.labels[0]}**.\n", "## Results\n",
-             _table(["run", "status", "ended", "last step", "val (final)", "test (final)"], c.result_rows),
+             _table(["run", "status", "ended", "resumed", "last step", "val (final)", "test (final)"], c.result_rows),
              "\n## Paired bootstrap on shared eval items (diff = run - baseline)\n",
              _table(PAIR_HEAD, [_pair_cells(c, r) for r in c.pairs]),
              "\n## Config differences\n"]
@@ -207,7 +207,7 @@ def text_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def to_text(c: Comparison) -> str:
-    parts = ["results:", text_table(["run", "status", "ended", "last step", "val (final)", "test (final)"],
+    parts = ["results:", text_table(["run", "status", "ended", "resumed", "last step", "val (final)", "test (final)"],
                                     c.result_rows),
              "\npaired bootstrap on shared eval items (diff = run - baseline, baseline = first run):",
              text_table(PAIR_HEAD, [_pair_cells(c, r) for r in c.pairs]), "\nconfig differences:"]

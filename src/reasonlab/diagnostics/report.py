@@ -137,7 +137,27 @@ def run_state(rf: RunFolder) -> str:
         return f"unfinished: no summary.json (killed or still running), last logged step {rf.last_step}"
     extra = f" ({s.get('stop_reason')})" if s.get("stop_reason") else ""
     err = f": {s['error']}" if s.get("error") else ""
-    return f"{s.get('status')}{extra}{err}"
+    ie = s.get("interrupted_eval")
+    cut = (f"; {ie.get('what', 'an evaluation')} interrupted (no result; --resume redoes it)"
+           if isinstance(ie, dict) else "")
+    return f"{s.get('status')}{extra}{err}{cut}"
+
+
+def resumes(rf: RunFolder) -> str:
+    """How often and from where the run was resumed ("resumed" events), e.g. '2x: from step 2, from step 5 (redid
+    the evaluations a signal interrupted)'; 'no' when never."""
+    ev = [e for e in rf.events if e.get("kind") == "resumed"]
+    if not ev:
+        return "no"
+    parts = []
+    for e in ev:
+        p = f"from step {e.get('from_step')}"
+        if e.get("redo_evals") is not None:
+            p += " (redid the evaluations a signal interrupted)"
+        if e.get("skipped_checkpoints"):
+            p += f" (skipped {', '.join(e['skipped_checkpoints'])}: did not verify)"
+        parts.append(p)
+    return f"{len(ev)}x: " + ", ".join(parts)
 
 
 def header(rf: RunFolder, status: str, reason: str, found: list[Finding]) -> str:
@@ -146,7 +166,7 @@ def header(rf: RunFolder, status: str, reason: str, found: list[Finding]) -> str
     git = env.get("git") or {}
     elapsed = (rf.summary or {}).get("elapsed_s")
     rows = [["run folder", f"`{rf.dir}`"], ["method", cfg.get("method", env.get("method", "?"))],
-            ["ended", run_state(rf)], ["last logged step", rf.last_step],
+            ["ended", run_state(rf)], ["resumed", resumes(rf)], ["last logged step", rf.last_step],
             ["elapsed", f"{elapsed:.0f} s" if isinstance(elapsed, (int, float)) else "-"],
             ["started", env.get("started", "-")], ["seed", cfg.get("seed", env.get("seed", "-"))],
             ["git", f"{git.get('sha') or '-'}{' (dirty working tree)' if git.get('dirty') else ''}"],

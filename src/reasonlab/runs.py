@@ -586,6 +586,7 @@ class Run:
         if summary.get("status") == "completed" and isinstance(steps, int) and ck.step >= steps:
             raise RunError(f"--resume {self.dir}: the run already completed its {steps} steps (summary.json); to "
                            f"train on, add train.steps=N with N > {steps} to the --resume command")
+        dist.barrier()  # every process has chosen before rank 0 rewinds the folder
         return ck, skipped
 
     def _rewind(self, ck: Checkpoint, skipped: dict[str, str]) -> None:
@@ -595,7 +596,8 @@ class Run:
         `best` checkpoint of the resumed state put back. Ends with the "resumed" event."""
         rf = ck.state.get("run_folder") or {}
         prev = _read_json(self.dir / "summary.json") or {}
-        sup = self.dir / "superseded" / f"resume-{time.strftime('%Y%m%d-%H%M%S')}-step_{ck.step}"
+        n = len(list((self.dir / "superseded").glob("resume-*"))) + 1
+        sup = self.dir / "superseded" / f"resume-{n}-step_{ck.step}-{time.strftime('%Y%m%d-%H%M%S')}"
         dropped = _cut_jsonl(self.dir / "metrics.jsonl", rf.get("metrics_bytes"), sup / "metrics.jsonl")
         dropped_events = _cut_jsonl(self.events_path, rf.get("events_bytes"), sup / "events.jsonl",
                                     keep=lambda row: row.get("kind") in LIFECYCLE_EVENTS)

@@ -255,3 +255,22 @@ def test_dry_run_of_a_paper_config_without_its_data_is_one_line(tmp_path):
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(err) == 1, r.stderr
     assert "gsm8k/train: no local data" in err[0] and "REASONLAB_DATA" in err[0]
+
+
+def test_a_kill_between_the_renames_of_a_checkpoint_replacement_is_repaired(tmp_path):
+    """save_checkpoint_dir replaces an existing checkpoint in two renames (old away, new in): killed between them,
+    the name is missing while both complete folders exist; repair_checkpoints puts the new one back (the old one when
+    the new one does not verify), keeps a replaced best as best@step_N, and deletes the rest."""
+    from reasonlab.runs import open_checkpoint, repair_checkpoints
+
+    d = tmp_path / "checkpoints"
+    m = torch.nn.Linear(2, 2)
+    for name, step, new_step in (("step_4", 4, 4), ("best", 2, 4)):
+        save_checkpoint_dir(d / name, step, modules={"model": m})
+        os.replace(d / name, d / f".old-{name}-123")  # the first rename happened ...
+        save_checkpoint_dir(d / f".tmp-{name}-ab_c1", new_step, modules={"model": m}, state={"new": True})
+    (d / ".tmp-step_6-zz9").mkdir()  # a write killed before its manifest
+    notes = repair_checkpoints(tmp_path)
+    assert len(notes) == 2 and sorted(p.name for p in d.iterdir()) == ["best", "best@step_2", "step_4"]
+    assert open_checkpoint(d / "step_4").state["new"] and open_checkpoint(d / "best").step == 4
+    assert open_checkpoint(d / "step_4").verify()

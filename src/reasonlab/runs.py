@@ -492,8 +492,11 @@ def repair_checkpoints(run_dir: str | Path) -> list[str]:
                 src = max(good)[2]  # the new one when it is complete, else the one it was replacing
                 os.replace(src, target)
                 notes.append(f"{name} restored from {src.name} (a process was killed while replacing it)")
-        for _, p in found:
-            if p.exists():
+        for kind, p in found:
+            step = _checkpoint_step(p) if p.exists() and name == "best" and kind == "old" else None
+            if step is not None and not (d / f"best@step_{step}").exists():  # the best it replaced, as Run keeps it
+                os.replace(p, d / f"best@step_{step}")
+            elif p.exists():
                 shutil.rmtree(p, ignore_errors=True)
     return notes
 

@@ -25,6 +25,33 @@ def test_smollm2_loads_offline_and_generates(monkeypatch):
     assert "Paris" in text, text
 
 
+def test_runs_started_together_convert_the_gguf_once(monkeypatch, tmp_path):
+    """Two runs started at once on a fresh machine: one converts, the other waits and uses its folder (before the
+    lock, the second converter deleted the folder the first run was loading: 'not in the local cache')."""
+    import threading
+    import time
+
+    monkeypatch.setenv("REASONLAB_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_convert(out):
+        calls.append(out)
+        time.sleep(0.3)  # long enough for the other caller to reach the lock
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"")
+        return out
+
+    monkeypatch.setattr(embedded, "_convert_smollm2", fake_convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(embedded.smollm2_dir())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got == [tmp_path / "models" / "smollm2-135m"] * 2
+
+
 def test_uncached_hub_id_offline_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

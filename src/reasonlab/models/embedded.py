@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from reasonlab.errors import UserError
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -80,11 +81,28 @@ def converted_dir(alias: str) -> Path:
     return cache_root() / "models" / alias
 
 
+def _complete(out: Path) -> bool:
+    return (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
 def smollm2_dir() -> Path:
-    """A normal HF folder (config, safetensors, tokenizer) converted once from the packaged GGUF."""
+    """A normal HF folder (config, safetensors, tokenizer) converted once from the packaged GGUF.
+
+    Several runs started together on a fresh machine convert once: the conversion holds a file lock, and a process
+    that waited on it finds the finished folder (without the lock, a second converter deleted the first one's folder
+    while that run was loading it)."""
     out = converted_dir("smollm2-135m")
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+    if _complete(out):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".smollm2-135m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _complete(out):
+            return out
+        return _convert_smollm2(out)
+
+
+def _convert_smollm2(out: Path) -> Path:
     gguf = require("smollm2-135m")
     try:
         import gguf as _  # noqa: F401  (transformers needs it to read GGUF)
@@ -100,7 +118,6 @@ def smollm2_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = EMBEDDED["smollm2-135m"].hub_id
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
     try:
         model.save_pretrained(tmp)

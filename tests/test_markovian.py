@@ -330,3 +330,36 @@ def test_paper_config_dry_run_prints_device_precision_processes_backend_and_the_
 
 def math_finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
+
+
+def test_compare_script_pairs_seeds_and_pools_over_questions(tmp_path):
+    """scripts/markovian_compare.py on hand-made run folders: per-run trained - untrained, per-seed variant -
+    reference, and the pooled difference of per-question means over seeds, all paired by question id."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("markovian_compare",
+                                                  Path(__file__).resolve().parents[1] / "scripts" / "markovian_compare.py")
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+    qs = [f"q{i}" for i in range(10)]
+    right = {("full", 0): {0, 1, 2, 3}, ("full", 1): {0, 1, 2}, ("ei", 0): {0, 1, 2, 3, 4, 5}, ("ei", 1): {0, 1, 5}}
+    dirs: dict[str, list[str]] = {}
+    for (name, seed), ok in right.items():
+        run = tmp_path / f"{name}-s{seed}"
+        (run / "evals").mkdir(parents=True)
+        (run / "config.yaml").write_text(f"seed: {seed}\n")
+        for tag, good in (("test_base_step0", {0}), ("test_best_step40", ok)):
+            rows = [{"id": q, "correct": i in good} for i, q in enumerate(qs)]
+            (run / "evals" / f"{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.setdefault(name, []).append(str(run))
+    rep = cmp.main([f"--runs=full={','.join(dirs['full'])}", f"--runs=ei={','.join(dirs['ei'])}",
+                    "--reference", "full", "--n-boot", "200"])
+    r = rep["runs"]["ei/seed0"]
+    assert r["best_step"] == 40 and r["trained"]["value"] == pytest.approx(0.6)
+    assert r["trained_minus_untrained"]["diff"] == pytest.approx(0.5)
+    assert rep["per_seed"]["ei/seed0"]["diff"] == pytest.approx(0.2)
+    assert rep["per_seed"]["ei/seed1"]["diff"] == pytest.approx(0.0)  # {0,1,5} vs {0,1,2}: same count, paired
+    assert rep["pooled"]["full"]["mean"]["value"] == pytest.approx(0.35)
+    assert rep["pooled"]["ei"]["minus_reference"]["diff"] == pytest.approx(0.1)
+    with pytest.raises(SystemExit):
+        cmp.main([f"--runs=ei={dirs['ei'][0]}", "--reference", "full"])

@@ -159,9 +159,12 @@ def test_merged_weights_of_a_plain_model_are_its_parameters(tok):
 def test_merged_weights_modules_to_save_and_dora(tok):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
+    from reasonlab.models.lm import _peft_reads_deprecated_alias  # PEFT's own FutureWarning, as in add_lora
+
     model, _ = tiny_causal_lm(tok, **SIZE)
-    model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 modules_to_save=["norm"]))
+    with _peft_reads_deprecated_alias():
+        model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     modules_to_save=["norm"]))
     perturb_lora(model, 1)
     with torch.no_grad():
         model.base_model.model.model.norm.modules_to_save["default"].weight.add_(1.0)
@@ -172,7 +175,8 @@ def test_merged_weights_modules_to_save_and_dora(tok):
     assert torch.equal(dict(pairs)["model.norm.weight"], torch.full((SIZE["hidden"],), 2.0))
 
     dora, _ = tiny_causal_lm(tok, **SIZE)
-    dora = get_peft_model(dora, PeftLoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with _peft_reads_deprecated_alias():
+        dora = get_peft_model(dora, PeftLoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(NotImplementedError, match="DoRA"):
         merged_weights(dora)
 

@@ -104,6 +104,18 @@ def test_two_processes_equal_one(recipe, tmp_path):
         assert [(r["id"], r["output"], r["correct"]) for r in r1] == [(r["id"], r["output"], r["correct"]) for r in r2]
 
 
+def test_bridge_with_every_term_trains_under_two_processes(tmp_path):
+    """The tiny config as committed (DiT, InfoNCE, separation on) with the CTC alignment: the DiT and the CTC blank
+    are parameters of the DDP-wrapped bridge, so they must be used inside its forward (used outside it, DDP's
+    backward fails with "Expected to mark a variable ready only once"; scripts/gpu_check.sh found it)."""
+    launch_two("configs/bridge/tiny.yaml", tmp_path, "loss.align_mode=ctc", "translator.num_queries=32",  # CTC: K >= question length
+               "watch.audit_every=1")
+    run = only_run_dir(tmp_path)
+    assert json.loads((run / "summary.json").read_text())["results"]["ranks"] == [0, 1]
+    audits = [r for r in read_jsonl(run / "metrics.jsonl") if "grad/term/dit" in r]
+    assert audits and all(r["grad/term/dit"] > 0 and r["grad/term/align"] > 0 for r in audits)
+
+
 def _run_in_process(config: str, tmp: Path, *overrides: str) -> dict[int, float]:
     from reasonlab.config import load_config
     from reasonlab.methods import get_method

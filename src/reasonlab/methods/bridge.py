@@ -237,14 +237,20 @@ def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator, rows_of: slice |
     emb = ctx["target_module"].get_input_embeddings()
     B = len(exs)
     states, smask = source.encode(source_texts(exs, ctx["task"], cfg))  # (B, S, Ds), (B, S)
-    soft, soft_mask = bridge(states, smask)  # (B, K, Dt), (B, K)
+    # draws from gen in a fixed order: curriculum, derangement, then the DiT's (t, x0) inside the bridge's forward
     p_text = curriculum_text_prob(step, cfg.bridge.mode, cfg.bridge.curriculum_steps)
     draws = torch.rand(cfg.train.batch_size if rows_of is not None else B, generator=gen)  # (B_global,)
     show = (draws[rows_of if rows_of is not None else slice(None)] < p_text).tolist()
+    perm = derangement(B, gen).tolist() if lw.separation > 0 else None
+    q_emb = q_mask = None
+    if lw.align > 0 or lw.infonce > 0 or lw.dit > 0:
+        with torch.no_grad():
+            q_emb, q_mask = question_embeddings(emb, prompter, exs)  # (B, L, Dt), (B, L)
+    # one forward of the (DDP-wrapped) bridge gives the soft tokens and every term that reads its parameters
+    soft, soft_mask, aux = bridge(states, smask, dit_target=(q_emb, q_mask) if lw.dit > 0 else None,
+                                  generator=gen, with_aux=True)  # (B, K, Dt), (B, K)
     rows = [prompter.row(e, soft[i][soft_mask[i]], show[i], answer=True) for i, e in enumerate(exs)]
-    perm = None
-    if lw.separation > 0:  # the same rows with another row's soft tokens, in the same forward
-        perm = derangement(B, gen).tolist()
+    if perm is not None:  # the same rows with another row's soft tokens, in the same forward
         rows += [prompter.row(e, soft[perm[i]][soft_mask[perm[i]]], show[i], answer=True) for i, e in enumerate(exs)]
     embeds, attn, labels = assemble(emb, rows, prompter.tok.pad_token_id or 0)  # (B or 2B, T, Dt)
     logits, tgt, amask = answer_logits(target, embeds, attn, labels)  # (B', A, V), (B', A), (B', A)
@@ -264,20 +270,16 @@ def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator, rows_of: slice |
             else:
                 t_logits, _, _ = answer_logits(tm, t_emb, t_attn, t_lab)
         terms["kl"] = (lw.kl, kl_first_k(logits[:B], t_logits, amask[:B], lw.kl_tokens, lw.kl_temperature))
-    if lw.align > 0 or lw.infonce > 0 or lw.dit > 0:
-        with torch.no_grad():
-            q_emb, q_mask = question_embeddings(emb, prompter, exs)  # (B, L, Dt), (B, L)
-        if lw.align > 0 and lw.align_mode == "ctc":
-            q_ids = question_ids(prompter, exs, soft.device)
-            terms["align"] = (lw.align, ctc_alignment(soft, soft_mask, q_ids, q_mask, emb.weight,
-                                                      ctx["bridge_module"].blank, lw.align_tau))
-        elif lw.align > 0:
-            terms["align"] = (lw.align, prompt_alignment(soft, soft_mask, q_emb, q_mask, lw.align_mode))
-        if lw.infonce > 0:
-            terms["infonce"] = (lw.infonce, info_nce(soft, soft_mask, q_emb, q_mask, lw.infonce_tau))
-        if lw.dit > 0:
-            bm = ctx["bridge_module"]
-            terms["dit"] = (lw.dit, bm.dit.loss(q_emb, q_mask, soft, soft_mask, bm.target_rms, gen))
+    if lw.align > 0 and lw.align_mode == "ctc":
+        q_ids = question_ids(prompter, exs, soft.device)
+        terms["align"] = (lw.align, ctc_alignment(soft, soft_mask, q_ids, q_mask, emb.weight, aux["blank"],
+                                                  lw.align_tau))
+    elif lw.align > 0:
+        terms["align"] = (lw.align, prompt_alignment(soft, soft_mask, q_emb, q_mask, lw.align_mode))
+    if lw.infonce > 0:
+        terms["infonce"] = (lw.infonce, info_nce(soft, soft_mask, q_emb, q_mask, lw.infonce_tau))
+    if lw.dit > 0:
+        terms["dit"] = (lw.dit, aux["dit"])
     if lw.separation > 0:
         terms["separation"] = (lw.separation, separation(nll, nll_all[B:], lw.separation_margin))
     info = {"soft": soft.detach(), "nll": nll.detach(), "nll_shuffled": nll_all[B:].detach() if perm else None,

@@ -255,11 +255,23 @@ class Bridge(nn.Module):
         # the CTC blank direction (only when the CTC alignment loss is used: an unused parameter would never train)
         self.blank = nn.Parameter(torch.randn(d_tgt) * self.target_rms) if ctc_blank else None
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, dit_target: tuple | None = None,
+                generator: torch.Generator | None = None, with_aux: bool = False):
+        """-> (soft (B, K, Dt), mask (B, K)); with_aux: (soft, mask, aux) where aux holds the DiT loss on dit_target
+        = (question embeddings (B, L, Dt), mask (B, L)) and the CTC blank. Training asks for them here because
+        under DDP a parameter used outside the wrapped module's forward (the DiT, the blank) breaks the gradient
+        sync ("mark a variable ready only once")."""
         x, m = self.translator(states, mask)  # (B, K, Dt), (B, K)
         if self.tc.scale == "target_rms":
             x = rms_normalize(x) * self.target_rms
-        return x, m
+        if not with_aux:
+            return x, m
+        aux: dict[str, torch.Tensor] = {}
+        if dit_target is not None:
+            aux["dit"] = self.dit.loss(dit_target[0], dit_target[1], x, m, self.target_rms, generator)
+        if self.blank is not None:
+            aux["blank"] = self.blank.clone()  # an output with a grad_fn, so DDP sees the blank as used
+        return x, m, aux
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ run() {  # run NAME PROCS CONFIG [overrides...]
 }
 evalrun() {  # evalrun NAME BACKEND
   local t0=$SECONDS
-  if "$PY" -m reasonlab.cli eval --model smollm2-135m --task arithmetic --split test --limit 64 --no-chat \
+  # the chat template: without it SmolLM2-Instruct ends at once after "Answer:" (0 tokens, no throughput to measure)
+  if "$PY" -m reasonlab.cli eval --model smollm2-135m --task arithmetic --split test --limit 64 \
       --max-new-tokens 32 --batch-size 32 --backend "$2" --device "$DEV" --dtype bfloat16 --out "$OUT/$1" \
       --tag eval > "$OUT/$1.log" 2>&1; then
     echo "ok      $1 ($((SECONDS - t0)) s)"

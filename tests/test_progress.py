@@ -153,3 +153,24 @@ def test_the_time_before_the_first_step_has_a_heartbeat_too(monkeypatch):
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("train 0/4 | setup (model, data, first evaluation) running for"), lines
     assert lines[1] == "train 1/4 | loss 0.5"  # the first step is printed whatever came before
+
+
+def test_stop_joins_the_heartbeat_thread_and_runs_at_interpreter_exit():
+    """stop() ends the heartbeat at once (no waiting out its second) and joins it; start() registers stop() with
+    atexit, so no daemon thread is inside a torch call while the interpreter tears torch down."""
+    import subprocess
+    import sys
+
+    run, out = FakeRun(), io.StringIO()
+    p = Progress(run, total=10, stream=out, every_s=100, tty=False)
+    p.update(1, {"train/loss": torch.tensor(1.0)})
+    assert p._thread.is_alive()
+    t0 = time.monotonic()
+    p.stop()
+    assert not p._thread.is_alive() and time.monotonic() - t0 < 0.9
+    code = ("import atexit, torch\nfrom types import SimpleNamespace\nfrom reasonlab.training import Progress\n"
+            "p = Progress(SimpleNamespace(tracker=object(), stop_reason=None), total=3, every_s=100, tty=False)\n"
+            "atexit.register(lambda: print('joined' if not p._thread.is_alive() else 'ALIVE'))  # runs after stop\n"
+            "p.update(1, {'train/loss': torch.tensor(1.0)})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "joined", (r.stdout, r.stderr)

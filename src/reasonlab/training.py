@@ -615,6 +615,7 @@ class Progress:
         self.dts: list[float] = []
         self.values: dict = {}
         self._thread = threading.Thread(target=self._heartbeat, name="reasonlab-progress", daemon=True)
+        self._stop = threading.Event()
 
     # --- the main thread
     def update(self, step: int, metrics: dict) -> None:
@@ -640,8 +641,20 @@ class Progress:
                 self._emit(self.line(now), final=done)
 
     def start(self) -> None:
+        import atexit
+
         if not self._thread.is_alive() and self._thread.ident is None:
             self._thread.start()
+            # joined before the interpreter tears torch down: a daemon thread still inside a torch call (the line
+            # reads tensor values) at exit aborted a finished run ("terminate called without an active exception")
+            atexit.register(self.stop)
+
+    def stop(self) -> None:
+        import threading
+
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
 
     # --- the line
     def line(self, now: float, waiting: float | None = None) -> str:
@@ -700,9 +713,9 @@ class Progress:
         import time
 
         while True:
-            time.sleep(1.0)
+            stopped = self._stop.wait(1.0)
             with Progress._lock:
-                if not self._alive():
+                if stopped or not self._alive():
                     if self.tty and Progress._open_line is self:
                         self.stream.write("\n")
                         self.stream.flush()

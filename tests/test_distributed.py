@@ -108,7 +108,8 @@ def test_bridge_with_every_term_trains_under_two_processes(tmp_path):
     """The tiny config as committed (DiT, InfoNCE, separation on) with the CTC alignment: the DiT and the CTC blank
     are parameters of the DDP-wrapped bridge, so they must be used inside its forward (used outside it, DDP's
     backward fails with "Expected to mark a variable ready only once"; scripts/gpu_check.sh found it)."""
-    launch_two("configs/bridge/tiny.yaml", tmp_path, "loss.align_mode=ctc", "translator.num_queries=32",  # CTC: K >= question length
+    # CTC needs at least as many soft tokens as question tokens: 32 queries
+    launch_two("configs/bridge/tiny.yaml", tmp_path, "loss.align_mode=ctc", "translator.num_queries=32",
                "watch.audit_every=1")
     run = only_run_dir(tmp_path)
     assert json.loads((run / "summary.json").read_text())["results"]["ranks"] == [0, 1]

@@ -82,7 +82,8 @@ def test_final_eval_validates_unless_just_validated_restores_best_and_tests_once
     with torch.no_grad():
         model.weight.fill_(2.0)  # ... training moves them, the final validation is worse
     out = training.final_eval(run, 4, best, modules={"m": model}, validate=validate, save=save,
-                              test=lambda s: calls.append(("test", s)) or {"tested": s, "w": float(model.weight[0, 0].detach())})
+                              test=lambda s: calls.append(("test", s))
+                              or {"tested": s, "w": float(model.weight[0, 0].detach())})
     assert out == {"tested": 0, "w": 1.0}  # tested once, on the validation choice, with its weights loaded
     assert [c for c in calls if c[0] != "save"] == [("validate", 0), ("validate", 4), ("test", 0)]
     # just validated at the final step: no second validation; a signal: checkpoint and stop, no test

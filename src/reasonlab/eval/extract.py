@@ -29,6 +29,8 @@ Free-form:
   equation          countdown: the arithmetic expression after the last "Answer:"/"answer is", else the last line
                     holding one; a trailing "= N" is dropped; "×"/"÷" read as "*"/"/".
   continuation      wiki: the output, whitespace-normalized (None when empty).
+  sum-terms         subset-sum: the whole output must be positive integers joined by "+" ("3 + 5 + 12"); returned as
+                    written without spaces ("3+5+12"); anything else (a stray word, a trailing "+") is None.
 """
 
 from __future__ import annotations
@@ -160,6 +162,14 @@ def equation(text: str) -> str | None:
     return None
 
 
+_SUM_TERMS = re.compile(r"\s*\d+(?:\s*\+\s*\d+)*\s*")
+
+
+def sum_terms(text: str) -> str | None:
+    text = text or ""
+    return re.sub(r"\s+", "", text) if _SUM_TERMS.fullmatch(text) else None
+
+
 def continuation(text: str) -> str | None:
     """wiki: the output itself, whitespace-normalized (the task truncates it to the target's length)."""
     out = " ".join((text or "").split())
@@ -179,6 +189,7 @@ EXTRACTORS: dict[str, tuple[Callable[[str], str | None], str]] = {
     "answer_is": (answer_is, "1"),
     "equation": (equation, "1"),
     "continuation": (continuation, "1"),
+    "sum-terms": (sum_terms, "1"),
 }
 NUMERIC = ("strict-match", "flexible-extract", "cot-strict-match", "anchor", "simple")
 MCQ = ("legacy", "word_boundary", "answer_is")

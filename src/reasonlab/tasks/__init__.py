@@ -22,6 +22,7 @@ TASKS: dict[str, str] = {
     "wiki": "reasonlab.tasks.wiki:WikiTask",
     "arithmetic": "reasonlab.tasks.arithmetic:ArithmeticTask",
     "countdown": "reasonlab.tasks.countdown:CountdownTask",
+    "subset-sum": "reasonlab.tasks.subset_sum:SubsetSumTask",  # polychromic testbed (enumerable solutions)
     "counting": "reasonlab.tasks.counting:CountingTask",  # latent bridge CPU task
     "word-recall": "reasonlab.tasks.words:WordRecallTask",  # latent bridge CPU task
     # owned by the TRM engineer

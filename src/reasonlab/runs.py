@@ -410,6 +410,27 @@ def latest_valid_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     return None
 
 
+def init_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint `model.init_from` names: a checkpoint folder itself, or a run folder, meaning its `best`
+    (chosen on validation) when it has one, else its latest complete step. It must verify (every file's sha256);
+    anything else is one RunError line naming the fix."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise RunError(f"init_from {p} does not exist: give a run folder or one of its checkpoints/<name> folders")
+    if (p / "manifest.json").exists():
+        ck = open_checkpoint(p)
+    elif (p / "checkpoints" / "best" / "manifest.json").exists():
+        ck = open_checkpoint(p / "checkpoints" / "best")
+    else:
+        ck = latest_valid_checkpoint(p)
+        if ck is None:
+            raise RunError(f"init_from {p} is neither a checkpoint nor a run folder with a complete checkpoint")
+    why = ck.problem()
+    if why:
+        raise RunError(f"init_from checkpoint {ck.path} cannot be trusted ({why}); point init_from at another one")
+    return ck
+
+
 def save_checkpoint_dir(target: Path, step: int, *, modules: dict[str, torch.nn.Module] | None = None,
                         optimizer=None, scheduler=None, state: dict | None = None, params: str = "trainable",
                         rng_states: list[dict] | None = None, checksums: bool = True,

@@ -469,7 +469,8 @@ def main(cfg: Config, run: Run) -> dict:
         raise ConfigError(f"{n_q // compute.world_size} question group(s) per process do not split into "
                           f"rl.minibatches={n_mb}")
     stand_in = run.dry_run and not is_available_offline(cfg.model.name)
-    model, tok = load_for_config(cfg.model, device=compute.device, stand_in=stand_in)
+    model, tok = load_for_config(cfg.model, device=compute.device, stand_in=stand_in,
+                                 vocab=task.vocabulary() if hasattr(task, "vocabulary") else None)
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

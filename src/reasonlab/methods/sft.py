@@ -142,7 +142,8 @@ def main(cfg: Config, run: Run) -> dict:
     test = task.examples(cfg.data.test_split)
     test = test[: cfg.eval.test_limit] if cfg.eval.test_limit else test
     stand_in = run.dry_run and not is_available_offline(cfg.model.name)
-    model, tok = load_for_config(cfg.model, device=compute.device, stand_in=stand_in)
+    model, tok = load_for_config(cfg.model, device=compute.device, stand_in=stand_in,
+                                 vocab=task.vocabulary() if hasattr(task, "vocabulary") else None)
     model.train()
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]

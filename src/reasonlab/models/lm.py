@@ -39,11 +39,28 @@ class LoraConfig:
 
 
 @dataclass
+class ScratchConfig:
+    hidden: int = field(default=128, metadata={"help": "hidden size of the from-scratch Llama"})
+    layers: int = field(default=4, metadata={"help": "decoder layers"})
+    heads: int = field(default=4, metadata={"help": "attention heads"})
+    seed: int = field(default=0, metadata={"help": "seed of the random initialization"})
+
+    def __post_init__(self):
+        if self.hidden < 1 or self.layers < 1 or self.heads < 1 or self.hidden % self.heads:
+            raise ValueError(f"model.scratch: hidden {self.hidden} must be a positive multiple of heads {self.heads}, "
+                             f"layers >= 1")
+
+
+@dataclass
 class ModelConfig:
-    name: str = field(default="smollm2-135m", metadata={"help": "embedded alias, local HF folder, or hub id"})
+    name: str = field(default="smollm2-135m", metadata={"help": "embedded alias, local HF folder, hub id, or "
+                                                        "'scratch' (a random Llama over the task's closed vocabulary)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter (r=0: full fine-tune)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    scratch: ScratchConfig = field(default_factory=ScratchConfig, metadata={"help": "model.name=scratch: its size"})
+    init_from: str = field(default="", metadata={"help": "start from these weights: a checkpoint folder, or a run "
+                                                 "folder (its best-on-validation checkpoint, else its latest)"})
     vllm_memory: float = field(default=0.3, metadata={"help": "vLLM backend: fraction of the GPU its engine may take "
                                                       "(the rest is for training)"})
     vllm_max_len: int = field(default=0, metadata={"help": "vLLM backend: the engine's max sequence length (0: the "
@@ -54,9 +71,14 @@ class ModelConfig:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not 0 < self.vllm_memory < 1 or self.vllm_max_len < 0:
             raise ValueError("model.vllm_memory must be in (0, 1) and model.vllm_max_len >= 0")
+        if self.init_from:  # a wrong path fails here, at config time, before any model loads
+            from reasonlab.runs import init_checkpoint
+
+            init_checkpoint(self.init_from)
 
 
 TINY = "tiny-random"  # a random 2-layer Llama with SmolLM2's tokenizer: tests and smoke runs
+SCRATCH = "scratch"  # a random Llama over a task's closed vocabulary (word-level tokenizer): the polychromic testbed
 
 
 def _offline() -> bool:
@@ -85,6 +107,8 @@ def is_available_offline(spec: str) -> bool:
     already in the local HF cache."""
     if spec == TINY:
         return embedded.package_path("smollm2-135m") is not None
+    if spec == SCRATCH:
+        return True
     if spec in embedded.EMBEDDED:
         return embedded.package_path(spec) is not None
     if Path(spec).expanduser().exists():
@@ -172,10 +196,51 @@ def tiny_causal_lm(tokenizer=None, *, hidden: int = 64, layers: int = 2, heads: 
     return model, tok
 
 
-def load_for_config(mc: ModelConfig, *, device="cpu", stand_in: bool = False):
+def word_tokenizer(vocab: list[str]):
+    """A word-level fast tokenizer over `vocab` (whitespace-split; decode joins words with spaces), with <pad> <s>
+    </s> <unk> first. Nothing is added to encoded text: a prompt is exactly its words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = specials + [w for w in dict.fromkeys(vocab) if w not in specials]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    return _fix_padding(tok)
+
+
+def scratch_causal_lm(vocab: list[str], sc: ScratchConfig):
+    """A randomly initialised Llama over a closed vocabulary (word_tokenizer), seeded by sc.seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = word_tokenizer(vocab)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=sc.hidden, intermediate_size=sc.hidden * 4, num_hidden_layers=sc.layers,
+        num_attention_heads=sc.heads, num_key_value_heads=sc.heads, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(sc.seed)
+        model = LlamaForCausalLM(cfg)
+    model.config.name_or_path = f"scratch-llama(h={sc.hidden},l={sc.layers},v={len(tok)})"
+    return model, tok
+
+
+def load_for_config(mc: ModelConfig, *, device="cpu", stand_in: bool = False, vocab: list[str] | None = None):
     """Model + tokenizer for a recipe. `stand_in=True` (used by --dry-run when the configured model is not available
-    offline) builds a tiny random model with the same code path, so a paper-scale config can be checked on a laptop."""
-    if stand_in or mc.name == TINY:
+    offline) builds a tiny random model with the same code path, so a paper-scale config can be checked on a laptop.
+    `vocab`: the task's closed vocabulary, needed by model.name=scratch. `mc.init_from` weights are loaded after
+    the adapter is added (so a LoRA run continues from another run's adapter)."""
+    if mc.name == SCRATCH:
+        if vocab is None:
+            raise ModelUnavailable("model.name=scratch needs a task with a closed vocabulary (e.g. subset-sum); "
+                                   "use an embedded alias, a folder or a hub id for this task")
+        model, tok = scratch_causal_lm(vocab, mc.scratch)
+    elif stand_in or mc.name == TINY:
         model, tok = tiny_causal_lm()
     else:
         model, tok = load_causal_lm(mc.name, dtype=mc.dtype, device=device)
@@ -184,6 +249,10 @@ def load_for_config(mc: ModelConfig, *, device="cpu", stand_in: bool = False):
         model.config.use_cache = False
     if mc.lora.r > 0:
         model = add_lora(model, mc.lora)
+    if mc.init_from:
+        from reasonlab.runs import init_checkpoint
+
+        init_checkpoint(mc.init_from).restore(modules={"model": model}, rng=False)
     return model.to(device), tok
 
 

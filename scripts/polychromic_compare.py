@@ -5,8 +5,9 @@
 
 Runs are paired by their config seed (a twin = same config, same seed, one knob changed). Per test question (id) and
 run: pass@1 (fraction of correct samples), unbiased pass@k (Chen et al. 2021), Distinct-1/2 and Self-BLEU (nltk
-semantics, 3-gram, method1, whitespace tokens; reasonlab.eval.diversity) over that question's samples, optionally
-MiniLM semantic diversity. Reported, each with n and a 95% interval:
+semantics, 3-gram, method1, whitespace tokens; reasonlab.eval.diversity) over that question's samples, distinct
+correct answers among k (unbiased) and, for a task that enumerates its solutions (subset-sum), coverage@k = distinct
+correct / solutions; optionally MiniLM semantic diversity. Reported, each with n and a 95% interval:
   - every run's mean (percentile bootstrap over questions);
   - per seed, b - a paired over the shared question ids (reasonlab.eval.metrics.paired_bootstrap, two-sided p);
   - pooled: each question's value averaged over the seeds of a mode, then b - a paired over questions. The unit of
@@ -27,9 +28,9 @@ import yaml
 
 from reasonlab.eval import diversity as D
 from reasonlab.eval import metrics as M
-from reasonlab.eval.harness import group_by_example, read_records
+from reasonlab.eval.harness import group_by_example, read_records, set_coverage
 
-METRICS = ("pass@1", "pass@k", "distinct_1", "distinct_2", "self_bleu")
+METRICS = ("pass@1", "pass@k", "distinct_correct@k", "coverage@k", "distinct_1", "distinct_2", "self_bleu")
 
 
 def test_file(run: Path) -> Path:
@@ -51,7 +52,8 @@ def per_question(path: Path, k: int, semantic_encoder=None) -> dict[str, dict[st
         outs = [r["output"] for r in g]
         d1, d2 = D.distinct_n(outs, 1), D.distinct_n(outs, 2)
         out[qid] = {"pass@1": c / n, "pass@k": M.pass_at_k(n, c, k), "self_bleu": D.self_bleu(outs),
-                    "distinct_1": d1, "distinct_2": d2}
+                    "distinct_1": d1, "distinct_2": d2,
+                    **{f"{name}@k": v for name, (v,) in set_coverage([g], k).items()}}  # coverage: enumerable tasks
         outs_all.append((qid, outs))
     if semantic_encoder is not None:
         sem = D.semantic_diversity([o for _, o in outs_all], encoder=semantic_encoder)
@@ -112,6 +114,7 @@ def main(argv=None) -> dict:
     if not seeds:
         sys.exit("error: no seed appears in both --a and --b runs (runs are paired by config seed)")
     tables = {side: {s: per_question(test_file(runs[side][s]), args.k, enc) for s in seeds} for side in "ab"}
+    metrics = tuple(m for m in metrics if all(column(t, m) for side in "ab" for t in tables[side].values()))
     report: dict = {"k": args.k, "seeds": seeds, "runs": {side: {s: str(runs[side][s]) for s in seeds} for side in "ab"},
                     "per_run": {}, "per_seed": {}, "pooled": {}}
     for side in "ab":
@@ -134,7 +137,7 @@ def main(argv=None) -> dict:
 
     report["training"] = {f"{side}/seed{s}": training_curves(runs[side][s]) for side in "ab" for s in seeds}
 
-    name = {"pass@k": f"pass@{args.k}"}
+    name = {m: m.replace("@k", f"@{args.k}") for m in metrics}
     print(f"per run (mean over test questions, 95% bootstrap CI)  a = {[str(r) for r in args.a]}")
     for key, row in report["per_run"].items():
         print(f"  {key:<9} " + "  ".join(f"{name.get(m, m)} {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"

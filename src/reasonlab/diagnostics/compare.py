@@ -76,12 +76,16 @@ def per_question_set_metrics(e: EvalFile, k: int) -> dict[str, dict[str, float]]
     for r in e.records:
         if "id" in r and "correct" in r:
             groups.setdefault(str(r["id"]), []).append(r)
+    from reasonlab.eval.harness import set_coverage
+
     out: dict[str, dict[str, float]] = {"pass@1": {}, f"pass@{k}": {}, "distinct_2": {}, "self_bleu": {}}
     for qid, g in groups.items():
         n, c = len(g), sum(bool(r["correct"]) for r in g)
         texts = [str(r.get("output", "")) for r in g]
         out["pass@1"][qid] = c / n
         out[f"pass@{k}"][qid] = pass_at_k(n, c, k)
+        for name, (v,) in set_coverage([g], k).items():  # distinct_correct@k, and coverage@k where solutions count
+            out.setdefault(f"{name}@{k}", {})[qid] = v
         for name, v in (("distinct_2", D.distinct_n(texts, 2)), ("self_bleu", D.self_bleu(texts))):
             if v is not None:  # None: no n-grams to count (e.g. every sample empty)
                 out[name][qid] = v

@@ -170,9 +170,13 @@ def score_record(task: Task, e: Example, output: str, *, prompt: str, sample: in
     """THE eval record of one output (every recipe and `reasonlab eval` write these): id, sample, prompt, output, the
     primary extractor's answer, every extractor's answer and verdict side by side, gold, correct, valid."""
     sc = task.score(output, e)
-    return {"id": e.id, "sample": sample, "prompt": prompt, "output": output, "extracted": sc.extracted,
-            "gold": e.gold, "correct": bool(sc.correct), "valid": bool(sc.valid), "extractor": sc.extractor,
-            "extractions": sc.extractions, "correct_by": sc.correct_by, **extra}
+    rec = {"id": e.id, "sample": sample, "prompt": prompt, "output": output, "extracted": sc.extracted,
+           "answer_key": task.canonical_answer(sc.extracted),  # the form in which two answers are one (diversity)
+           "gold": e.gold, "correct": bool(sc.correct), "valid": bool(sc.valid), "extractor": sc.extractor,
+           "extractions": sc.extractions, "correct_by": sc.correct_by, **extra}
+    if "n_solutions" in e.meta:  # a task that enumerates its solutions: coverage = distinct correct / this
+        rec["n_solutions"] = int(e.meta["n_solutions"])
+    return rec
 
 
 def sample_record(task: Task, e: Example, smp, *, prompt: str, sample: int = 0, **extra) -> dict:
@@ -274,6 +278,20 @@ def _mean_accuracy(groups: dict[str, list[dict]], key) -> M.Metric:
     return M.mean_metric(per)
 
 
+def set_coverage(groups, k: int) -> dict[str, list[float]]:
+    """Per question (each a list of its sample records): distinct_correct = expected distinct correct answers among k
+    samples (M.distinct_correct_at_k over the records' `answer_key`, else `extracted`), and, when every record
+    carries the task's `n_solutions`, coverage = distinct_correct / n_solutions. {name: [value per question]}."""
+    groups = list(groups)
+    keyed = [([r.get("answer_key", r.get("extracted")) for r in g], [bool(r["correct"]) for r in g]) for g in groups]
+    dc = [M.distinct_correct_at_k(a, c, k) for a, c in keyed]
+    out = {"distinct_correct": dc}
+    n_sol = [g[0].get("n_solutions") for g in groups]
+    if n_sol and all(isinstance(x, int) and x > 0 for x in n_sol):
+        out["coverage"] = [d / s for d, s in zip(dc, n_sol)]
+    return out
+
+
 def summarize_records(records: list[dict], task: Task | None = None, mode: str = "generate",
                       s: EvalSettings | None = None) -> dict:
     """Every metric with n and a 95% interval, from eval records (also used on files read back from disk)."""
@@ -295,8 +313,11 @@ def summarize_records(records: list[dict], task: Task | None = None, mode: str =
         m["mean_new_tokens"] = M.mean_metric([r["new_tokens"] for r in records])
     if k_max > 1:
         counts = [(len(g), sum(bool(r["correct"]) for r in g)) for g in groups.values()]
-        for k in sorted({1, *[2 ** i for i in range(1, 10) if 2 ** i <= k_max], k_max}):
+        ks = sorted({1, *[2 ** i for i in range(1, 10) if 2 ** i <= k_max], k_max})
+        for k in ks:
             m[f"pass@{k}"] = M.pass_at_k_metric(counts, k)
+        for k, (name, per) in ((k, item) for k in ks[1:] for item in set_coverage(groups.values(), k).items()):
+            m[f"{name}@{k}"] = M.mean_metric(per)
         m[f"maj@{k_max}"] = M.majority_accuracy([([r["extracted"] for r in g], [r["correct"] for r in g])
                                                  for g in groups.values()])
         outs = [[r["output"] for r in g] for g in groups.values()]

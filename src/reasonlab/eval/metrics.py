@@ -109,6 +109,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def distinct_correct_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int) -> float:
+    """Expected number of DISTINCT correct answers among k samples drawn without replacement from one problem's n
+    samples (unbiased, the pass@k estimator applied per answer): sum over the distinct correct answers a, with c_a
+    samples each, of 1 - C(n - c_a, k) / C(n, k). At k = n it is the count of distinct correct answers; dividing by
+    the problem's number of solutions gives coverage@k. `answers` are compared as given (pass canonical forms)."""
+    counts = Counter(a for a, ok in zip(answers, correct) if ok)
+    return float(sum(pass_at_k(len(answers), c, k) for c in counts.values()))
+
+
 def mean_draws(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
                bounds: tuple[float, float] | None = None) -> np.ndarray:
     """(n_boot,) bootstrap draws of the mean of `values` over independent units.

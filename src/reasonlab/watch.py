@@ -76,6 +76,8 @@ class Thresholds:
     ratio_explode: float = F(5.0, "ppo/ratio_max above this is an explosion")
     clip_frac_max: float = F(0.5, "ppo/clip_frac above this most of the time: updates too large")
     frac_zero_std_max: float = F(0.8, "rollout/frac_zero_std at or above this leaves almost no policy-gradient signal")
+    set_le1_correct_max: float = F(0.8, "polychromic: rollout/frac_le1_correct at or above this (groups with <= 1 "
+                                        "correct sample) leaves the set term (nearly) GRPO's")
     entropy_min: float = F(0.05, "rollout/entropy (nats/token) below this is entropy collapse")
     char_run_max: int = F(20, "a single character repeated this many times in a row is degenerate")
     char_run_frac: float = F(0.2, "... in at least this fraction of outputs")

@@ -11,6 +11,7 @@ Metric names the detectors read (recipes MUST log these names; see DESIGN.md "Me
                          against another policy (the public Markovian PPO used the frozen base: seed 003).
   ppo/ratio_mean, ppo/ratio_max, ppo/clip_frac, ppo/approx_kl
   rollout/unique_ratio, rollout/unique_answer_ratio, rollout/repeat_ngram_rate, rollout/max_char_run,
+  rollout/frac_le1_correct (polychromic: fraction of groups with <= 1 correct sample)
   rollout/reward_std, rollout/frac_zero_std (fraction of prompt groups whose rewards all tie), rollout/entropy
                          (mean per-token policy entropy, nats)   -> reasonlab.watch.rollout_stats / group_reward_stats
   encoder/cross_sample_var, encoder/cross_sample_ratio, encoder/pairwise_cos, encoder/token_std
@@ -196,7 +197,8 @@ def detect_ppo_ratio(rf: RunFolder, th: Thresholds) -> list[Finding]:
 
 
 def detect_reward_signal(rf: RunFolder, th: Thresholds) -> list[Finding]:
-    """Entropy collapse / reward std ~0 for most groups: group-normalized advantages are then all zero."""
+    """Entropy collapse / reward std ~0 for most groups: group-normalized advantages are then all zero. Polychromic
+    with the set term: most groups hold <= 1 correct sample, where the set advantage is GRPO's."""
     out = []
     s, v = rf.series("rollout/frac_zero_std")
     if v:
@@ -211,6 +213,22 @@ def detect_reward_signal(rf: RunFolder, th: Thresholds) -> list[Finding]:
                                       "is too hard/easy for the model or the samples are identical.",
                           recommendation="Use prompts of the right difficulty, more samples per group, a denser "
                                          "reward, or a higher sampling temperature."))
+    s, v = rf.series("rollout/frac_le1_correct")
+    mode = ((rf.config or {}).get("set") or {}).get("mode", "polychromic")
+    if v and rf.config.get("method") == "polychromic" and mode != "grpo":
+        rs, rv = _recent(s, v, th.recent_frac)
+        hi = [x for x in rv if finite(x) and x >= th.set_le1_correct_max]
+        if len(hi) > len(rv) / 2:
+            out.append(_f("warning", "set_term_is_grpo",
+                          f"the set term cannot differ from GRPO here: >= {100 * th.set_le1_correct_max:.0f}% of "
+                          f"groups held <= 1 correct sample in {len(hi)}/{len(rv)} recent steps", rs[-10:], rv[-10:],
+                          explanation="With 0 correct samples every set scores 0 (no signal); with 1 correct sample "
+                                      "among distinct answers every subset holding it has the same diversity, so the "
+                                      "set advantage is GRPO's up to a scale. The set objective only acts when a "
+                                      "group holds several correct samples, some of them the same answer.",
+                          recommendation="Use a task or a starting checkpoint the model solves more often (pass@1 "
+                                         "well above 1/rollout.n), more samples per prompt, or branch from a GRPO "
+                                         "checkpoint (model.init_from) once it has started to repeat answers."))
     s, v = rf.series("rollout/entropy")
     if len(v) >= 2:
         rs, rv = _recent(s, v, th.recent_frac)

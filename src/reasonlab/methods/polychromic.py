@@ -337,7 +337,8 @@ def main(cfg: Config, run: Run) -> dict:
 
         encoder = load_encoder(device=str(compute.device))
     stand_in = run.dry_run and not is_available_offline(cfg.model.name)
-    model, tok = load_for_config(cfg.model, device=compute.device, stand_in=stand_in)
+    model, tok = load_for_config(cfg.model, device=compute.device, stand_in=stand_in,
+                                 vocab=task.vocabulary() if hasattr(task, "vocabulary") else None)
     model.train()
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -428,6 +429,10 @@ def main(cfg: Config, run: Run) -> dict:
                 **group_reward_stats(rg),
                 "rollout/correct": float(c.mean()),
                 "rollout/pass_at_n": float((c.max(dim=1).values > 0).float().mean()),
+                # groups with <= 1 correct sample: there (with all-distinct answers) the set advantage is GRPO's
+                "rollout/frac_le1_correct": float((c.sum(dim=1) <= 1).float().mean()),
+                "rollout/distinct_correct": sum(len({a for a, ok in zip(ans, cor) if ok})
+                                                for ans, cor in zip(all_answers, all_correct)) / Pg,
                 "rollout/entropy": compute.sum(ent_sum) / max(n_tok, 1.0),
                 "rollout/len_tokens": n_tok / (Pg * N),
                 "rollout/truncation_rate": compute.sum(sum(s.truncated for gr in samples for s in gr)) / (Pg * N),

@@ -215,7 +215,8 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_compare_pairs_set_metrics_of_multi_sample_evals(tmp_path):
-    """Several samples per question: pass@1, pass@k, Distinct-2 and Self-BLEU are paired per question."""
+    """Several samples per question: pass@1, pass@k, distinct-correct@k, Distinct-2 and Self-BLEU are paired per
+    question."""
     from reasonlab.diagnostics.compare import set_metric_pairs
     from reasonlab.diagnostics.runfolder import EvalFile
     from reasonlab.eval import diversity as D
@@ -231,7 +232,9 @@ def test_compare_pairs_set_metrics_of_multi_sample_evals(tmp_path):
     b = write("b", {"q1": [(1, "2 + 1 = 3"), (1, "1 + 2 = 3"), (1, "3 = 3")], "q2": [(1, "y x z"), (0, "a b"), (0, "c d")],
                     "q3": [(1, "5"), (1, "5")]})
     pairs = set_metric_pairs(a, b)
-    assert sorted(pairs) == ["distinct_2", "pass@1", "pass@2", "self_bleu"]  # k = the smaller sample count
+    # k = the smaller sample count; no n_solutions in the records, so distinct-correct but no coverage
+    assert sorted(pairs) == ["distinct_2", "distinct_correct@2", "pass@1", "pass@2", "self_bleu"]
+    assert pairs["distinct_correct@2"][0] == {"q1": pytest.approx(pass_at_k(3, 2, 2)), "q2": 0.0}
     ma, mb = pairs["pass@1"]
     assert ma == {"q1": 2 / 3, "q2": 0.0} and mb == {"q1": 1.0, "q2": 1 / 3, "q3": 1.0}
     assert pairs["pass@2"][0]["q1"] == pytest.approx(pass_at_k(3, 2, 2)) and pairs["pass@2"][1]["q2"] == pytest.approx(

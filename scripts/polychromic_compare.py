@@ -63,23 +63,30 @@ def per_question(path: Path, k: int, semantic_encoder=None) -> dict[str, dict[st
 
 
 TRAIN_KEYS = ("rollout/correct", "set/answer_diversity", "rollout/unique_answer_ratio", "rollout/entropy",
-              "adv/set_wrong_positive_frac")
+              "adv/set_wrong_positive_frac", "rollout/frac_le1_correct", "rollout/distinct_correct")
 
 
 def training_curves(run: Path, windows: int = 4) -> dict:
-    """Training-time statistics from metrics.jsonl: window means of TRAIN_KEYS, every gradient audit's per-term norm
-    (how many audits saw grad/term/pg_set > 0), and the CPU seconds the training steps took (time/step_cpu_s)."""
+    """Training-time statistics from metrics.jsonl: window means of TRAIN_KEYS (over the logged steps), every gradient
+    audit's per-term norm (how many audits saw grad/term/pg_set > 0), and the steps and training CPU seconds of the
+    run (summary.json's train_cpu_s, else the sum of the logged time/step_cpu_s)."""
     path = run / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     steps = [r for r in rows if "time/step_cpu_s" in r]
     out: dict = {"steps": len(steps), "train_cpu_s": round(sum(r["time/step_cpu_s"] for r in steps), 1),
                  "train_wall_s": round(sum(r["time/step_s"] for r in steps), 1), "windows": {}}
+    summary = run / "summary.json"  # the recipe's own total over every step (metrics.jsonl holds every log_every-th)
+    if summary.exists():
+        res = json.loads(summary.read_text()).get("results") or {}
+        out["steps"] = res.get("final_step", out["steps"])
+        out["train_cpu_s"] = res.get("train_cpu_s", out["train_cpu_s"])
     if steps:
         size = max(1, -(-len(steps) // windows))
         for i in range(0, len(steps), size):
             chunk = steps[i:i + size]
             out["windows"][f"{chunk[0]['step']}-{chunk[-1]['step']}"] = {
-                k: round(float(np.mean([r[k] for r in chunk if k in r])), 4) for k in TRAIN_KEYS}
+                k: round(float(np.mean([r[k] for r in chunk if k in r])), 4) for k in TRAIN_KEYS
+                if any(k in r for r in chunk)}
     audits = [r for r in rows if "grad/total_norm_audit" in r]
     terms = sorted({k[len("grad/term/"):] for r in audits for k in r if k.startswith("grad/term/")})
     out["audits"] = {"n": len(audits), **{t: {"mean": float(np.mean([r[f"grad/term/{t}"] for r in audits])),

@@ -407,3 +407,37 @@ def test_countdown_answers_are_compared_in_canonical_form():
 
     answers = [task.canonical_answer(a) for a in ("3+9", "9+3", "(9+3)", "3*9")]
     assert answer_diversity(answers) == 0.5  # two distinct answers among four samples
+
+
+def test_poly_epo_marginal_set_advantage_equals_its_definition():
+    """Poly-EPO as publicly restated: f(G) = mean reward x distinct/n x 1[more than one answer class]; the marginal
+    advantage of y sums f(G) - mean f over the sets G containing y; with all subsets and no normalization our subset
+    estimator is that sum divided by the C(N-1, n-1) sets each sample is in."""
+    from reasonlab.config import ConfigError, load_config
+
+    rng = random.Random(7)
+    for N, n in ((4, 2), (6, 3), (8, 4)):
+        for _ in range(5):
+            rewards = [float(rng.random() < 0.5) for _ in range(N)]
+            answers = [rng.choice("aab") for _ in range(N)]
+            subsets = list(itertools.combinations(range(N), n))
+            f = {g: (sum(rewards[i] for i in g) / n) * (len({answers[i] for i in g}) / n)
+                 * (len({answers[i] for i in g}) > 1) for g in subsets}
+            base = sum(f.values()) / len(f)
+            marginal = [sum(f[g] - base for g in subsets if i in g) for i in range(N)]
+            score, _ = S.make_set_scorer(rewards, diversity="answers", answers=answers, objective="poly_epo")
+            out = S.set_advantages(rewards, score, n=n, M=0)
+            assert out["adv"].tolist() == pytest.approx([m / math.comb(N - 1, n - 1) for m in marginal], abs=1e-6)
+    # a set of one answer class scores 0 under poly_epo, 1/n under the plain product
+    same = ["x"] * 4
+    epo, _ = S.make_set_scorer([1.0] * 4, diversity="answers", answers=same, objective="poly_epo")
+    plain, _ = S.make_set_scorer([1.0] * 4, diversity="answers", answers=same)
+    assert epo((0, 1)) == 0.0 and plain((0, 1)) == 0.5
+    with pytest.raises(ValueError, match="diversity 'answers'"):
+        S.make_set_scorer([1.0] * 2, diversity="distinct", texts=["a", "b"], objective="poly_epo")
+    good = ["set.objective=poly_epo", "set.normalize=none"]
+    assert load_config(TINY, [*good, "set.diversity=answers", "set.combine=product"]).set.objective == "poly_epo"
+    with pytest.raises(ConfigError, match="set.normalize=none"):
+        load_config(TINY, ["set.objective=poly_epo", "set.diversity=answers", "set.combine=product"])
+    with pytest.raises(ConfigError, match="did you mean"):
+        load_config(TINY, ["set.objective=polyepo"])

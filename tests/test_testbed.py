@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import cli
+from test_polychromic import _one_thread  # noqa: F401 (autouse: tiny shapes run faster on one thread)
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTBED = ROOT / "configs" / "polychromic" / "subset-sum-testbed.yaml"
@@ -22,14 +23,6 @@ SMALL = ["model.scratch.hidden=32", "model.scratch.layers=1", "data.task_args.n_
          "data.task_args.n_validation=4", "data.task_args.n_test=4", "rollout.n=4", "set.subset_size=2",
          "train.steps=2", "train.batch_size=2", "train.log_every=1", "eval.every=0", "eval.samples=4",
          "eval.batch_size=16", "watch.audit_every=1", "tracking.tensorboard=false"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

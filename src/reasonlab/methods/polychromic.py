@@ -111,6 +111,10 @@ class RewardConfig:
 
 @dataclass
 class SetConfig:
+    objective: Literal["polychromic", "poly_epo"] = F(
+        "polychromic", "the set score f: polychromic (f from diversity and combine) | poly_epo (Poly-EPO as restated "
+        "publicly: mean reward x distinct answers / n, and 0 for a set of one answer class; use with estimator "
+        "subset, n_subsets 0, normalize none: the marginal set advantage)")
     mode: Literal["polychromic", "grpo", "polychromic_plus_grpo"] = F(
         "polychromic", "polychromic: the set-level term alone (the paper) | grpo: the group-baseline reward term alone "
         "(the twin; same sampling and logging) | polychromic_plus_grpo: both terms")
@@ -135,6 +139,11 @@ class SetConfig:
             raise ValueError("set.subset_size must be >= 1")
         if self.ngram < 1:
             raise ValueError("set.ngram must be >= 1")
+        if self.objective == "poly_epo" and (self.diversity != "answers" or self.combine != "product" or
+                                             self.estimator != "subset" or self.normalize != "none"):
+            raise ValueError("set.objective=poly_epo is Poly-EPO's marginal set advantage over answer classes: it "
+                             "needs set.diversity=answers, set.combine=product, set.estimator=subset and "
+                             "set.normalize=none")
 
 
 @dataclass
@@ -275,7 +284,8 @@ def set_level(rewards: list[list[float]], answers: list[list[str | None]], texts
             emb = torch.as_tensor(encoder.encode(list(t), convert_to_numpy=True, show_progress_bar=False))  # (N, D)
             distance = S.pairwise_cosine_distance(emb)  # (N, N)
         score, div = S.make_set_scorer(r, diversity=sc.diversity, answers=a, texts=t, distance=distance,
-                                       ngram=sc.ngram, how=sc.combine, weight=sc.combine_weight)
+                                       ngram=sc.ngram, how=sc.combine, weight=sc.combine_weight,
+                                       objective=sc.objective)
         out = S.set_advantages(r, score, n=sc.subset_size, M=sc.n_subsets, estimator=sc.estimator, generator=gen)
         adv.append(out["adv"])
         base.append(out["baseline"])
@@ -556,7 +566,8 @@ def main(cfg: Config, run: Run) -> dict:
         return {"final_step": step, "stopped": run.stop_reason}
     m = s["metrics"]
     k = cfg.eval.samples
-    keys = ["accuracy", f"pass@{k}", "distinct_2", "self_bleu", "semantic_diversity", "unique_answer_ratio"]
+    keys = ["accuracy", f"pass@{k}", f"distinct_correct@{k}", f"coverage@{k}", "distinct_2", "self_bleu",
+            "semantic_diversity", "unique_answer_ratio"]
     result = {key: m[key] for key in keys if key in m}
     training.print0(f"test (checkpoint chosen on validation {cfg.eval.select_on}, step {best.step}): " +
                     ", ".join(f"{key} {v['value']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] (n={v['n']})"

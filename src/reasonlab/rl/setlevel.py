@@ -22,6 +22,13 @@ Diversity measures over a subset (indices into one prompt's N samples), each in 
   "distinct"  Distinct-n over the subset's texts (unique / total whitespace n-grams), reasonlab.eval.diversity.
   "semantic"  mean pairwise (1 - cosine) of the samples' sentence embeddings (all-MiniLM-L6-v2), clipped to [0, 1].
 Set score: "product" f = mean(r) x d (the paper) or "sum" f = mean(r) + w x d (recorded as `combine`).
+
+Poly-EPO (Orney, Hamid et al., arXiv 2604.17654; its definition as restated by secondary sources, not read from the
+paper itself): the same product f with d = distinct classes / n, and f = 0 for a set whose members are all one class
+(the indicator 1[|classes| > 1]); the per-sample "marginal set advantage" is the mean (or, equivalently up to the
+constant C(N-1, n-1), the sum) over the sets containing y of f(G) - mean f over all C(N, n) sets, with no std
+normalization: `objective="poly_epo"` here, with the subset estimator over all subsets and normalize none. The paper's
+classes are an LM judge's reasoning-strategy clusters; here they are the (canonical) answers.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 
 DIVERSITIES = ("answers", "distinct", "semantic")
 COMBINES = ("product", "sum")
+OBJECTIVES = ("polychromic", "poly_epo")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -145,13 +153,19 @@ def combine(mean_reward: float, diversity: float, how: str = "product", weight: 
 
 def make_set_scorer(rewards: Sequence[float], *, diversity: str = "answers", answers: Sequence[str | None] | None = None,
                     texts: Sequence[str] | None = None, distance: torch.Tensor | None = None, ngram: int = 2,
-                    how: str = "product", weight: float = 1.0) -> tuple[Callable[[tuple[int, ...]], float],
-                                                                         Callable[[tuple[int, ...]], float]]:
+                    how: str = "product", weight: float = 1.0,
+                    objective: str = "polychromic") -> tuple[Callable[[tuple[int, ...]], float],
+                                                             Callable[[tuple[int, ...]], float]]:
     """Closures over one prompt's N samples: (score(idx) -> f, div(idx) -> d) for a tuple of sample indices.
 
     diversity "answers" needs `answers`, "distinct" needs `texts`, "semantic" needs `distance` (N, N) from
-    pairwise_cosine_distance of the samples' embeddings.
+    pairwise_cosine_distance of the samples' embeddings. objective "poly_epo" (answers, product only): f = 0 when
+    every member of the set has the same answer class.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"set objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "poly_epo" and (diversity != "answers" or how != "product"):
+        raise ValueError("objective 'poly_epo' counts answer classes: it needs diversity 'answers', combine 'product'")
     r = [float(x) for x in rewards]
     if diversity == "answers":
         if answers is None:
@@ -185,7 +199,10 @@ def make_set_scorer(rewards: Sequence[float], *, diversity: str = "answers", ans
         raise ValueError(f"diversity must be one of {DIVERSITIES}, got {diversity!r}")
 
     def score(idx):
-        return combine(sum(r[i] for i in idx) / len(idx), div(idx), how, weight)
+        d = div(idx)
+        if objective == "poly_epo" and d * len(idx) <= 1:  # one class only: the set explores nothing
+            return 0.0
+        return combine(sum(r[i] for i in idx) / len(idx), d, how, weight)
 
     return score, div
 

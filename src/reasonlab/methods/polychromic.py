@@ -13,7 +13,8 @@ f(Y) = mean reward(Y) x diversity(Y); Poly-PPO's subset estimator). What is impl
 - Set-level advantage per completion (reasonlab.rl.setlevel), per prompt: diversity d = fraction of distinct answers
   (each extracted answer first put in the task's canonical form, `Task.canonical_answer`: countdown's "9+3" and "3+9"
   are one answer) | Distinct-n of the texts | MiniLM semantic distance; set score f = mean(r) x d ("product") or
-  mean(r) + w x d ("sum"); estimator "subset" (M random size-n subsets of the N samples, all of them when M = 0 or M >= C(N, n);
+  mean(r) + w x d ("sum"), or `set.objective: poly_epo` (Poly-EPO as publicly restated: the product over answer
+  classes, 0 for a set of one class, with normalize none: its marginal set advantage); estimator "subset" (M random size-n subsets of the N samples, all of them when M = 0 or M >= C(N, n);
   baseline = mean subset score; A_i = mean of (f - baseline) over the subsets containing i) or "loo"
   (A_i = f(Y) - f(Y without y_i)); then standardized within the prompt (`set.normalize: std`) or kept raw.
 - Loss, all on the sampled completion tokens, on-policy (one gradient step per rollout, so the PPO ratio is 1 and the
@@ -34,7 +35,10 @@ f(Y) = mean reward(Y) x diversity(Y); Poly-PPO's subset estimator). What is impl
   there as grad/term/pg_set == 0, and the watcher raises `zero_grad_term`. A rollout in which every group's rewards
   tie has all advantages exactly 0 (no policy-gradient signal; rollout/frac_zero_std says so), so a due audit waits
   for the next rollout with a non-zero advantage instead of reporting that trivial zero as a dead term.
-- Evaluation: `eval.samples` samples per prompt at `eval.temperature`; pass@1, unbiased pass@k, Distinct-1/2, Self-BLEU
+- Start: the configured model, or `model.init_from` (another run's best checkpoint, e.g. a GRPO phase to branch both
+  arms from, or the SFT'd scratch model of the subset-sum testbed).
+- Evaluation: `eval.samples` samples per prompt at `eval.temperature`; pass@1, unbiased pass@k, distinct-correct@k and
+  (for a task that enumerates its solutions) coverage@k, Distinct-1/2, Self-BLEU
   (nltk semantics), unique-answer ratio, optional MiniLM semantic diversity, each with n and a 95% CI (eval.harness).
   Validation before training, every `eval.every` steps and at the end; the `best` checkpoint is chosen on validation by
   `eval.select_on`; test is evaluated once, at the end, on that checkpoint.

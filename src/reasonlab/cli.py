@@ -117,6 +117,7 @@ def run(
             shutil.rmtree(run_dir, ignore_errors=True)
         elif report and dist.is_main() and run_dir.is_dir():
             _write_report(run_dir)  # after finish(): the report needs summary.json to say how the run ended
+        dist.shutdown()  # every collective is done: the process group goes before interpreter teardown
     if not dry_run and r.stop_reason:
         dist.print0(f"stopped early ({r.stop_reason}); resume with: reasonlab run --resume {run_dir}")
 

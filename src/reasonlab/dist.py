@@ -26,6 +26,18 @@ def init(cpu: bool | None = None) -> None:
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available() if cpu is None else cpu)
+        import atexit
+
+        atexit.register(shutdown)  # a backstop: `reasonlab run` shuts down itself once the run folder is final
+
+
+def shutdown() -> None:
+    """Destroy the process group while the interpreter is fully alive. Left to interpreter teardown, gloo's worker
+    threads were destroyed still joinable and a finished run aborted at exit ("terminate called without an active
+    exception", exit -6, in CI once in a few 2-process runs; pytorch/pytorch#190489). No barrier: after a failure on
+    one rank the others must not wait for it. Idempotent."""
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
 
 
 def is_dist() -> bool:

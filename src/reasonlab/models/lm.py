@@ -72,7 +72,7 @@ class ModelConfig:
         if not 0 < self.vllm_memory < 1 or self.vllm_max_len < 0:
             raise ValueError("model.vllm_memory must be in (0, 1) and model.vllm_max_len >= 0")
         if self.init_from:  # a wrong path fails here, at config time, before any model loads
-            from reasonlab.runs import init_checkpoint
+            from reasonlab.checkpoints import init_checkpoint
 
             init_checkpoint(self.init_from)
 
@@ -250,7 +250,7 @@ def load_for_config(mc: ModelConfig, *, device="cpu", stand_in: bool = False, vo
     if mc.lora.r > 0:
         model = add_lora(model, mc.lora)
     if mc.init_from:
-        from reasonlab.runs import init_checkpoint
+        from reasonlab.checkpoints import init_checkpoint
 
         init_checkpoint(mc.init_from).restore(modules={"model": model}, rng=False)
     return model.to(device), tok

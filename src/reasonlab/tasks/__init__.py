@@ -25,6 +25,7 @@ TASKS: dict[str, str] = {
     "subset-sum": "reasonlab.tasks.subset_sum:SubsetSumTask",  # polychromic testbed (enumerable solutions)
     "counting": "reasonlab.tasks.counting:CountingTask",  # latent bridge CPU task
     "word-recall": "reasonlab.tasks.words:WordRecallTask",  # latent bridge CPU task
+    "number-words": "reasonlab.tasks.number_words:NumberWordsTask",  # latent bridge CPU task (non-copy)
     # owned by the TRM engineer
     "sudoku": "reasonlab.tasks.sudoku:SudokuTask",
     "arc-agi-1": "reasonlab.tasks.arc_agi:ArcAgiTask",

@@ -242,3 +242,26 @@ def test_ctc_alignment_rewards_soft_tokens_that_spell_the_question(ctx):
     terms, _ = M.loss_terms(c, exs, 5, torch.Generator().manual_seed(0))
     audit = audit_terms({k: terms[k] for k in ("nll", "align")}, list(bridge.parameters()))
     assert audit.terms["align"].grad_norm > 1e-6 and float(terms["align"][1].detach()) > 0
+
+
+def test_shared_prefix_cache_gives_the_logits_of_the_whole_rows(ctx):
+    """The frozen target's few-shot block runs once (PrefixKV) and the rows run only their own tokens: the answer
+    logits (and the gradient reaching the soft tokens) equal one forward over the whole rows."""
+    from reasonlab.models.bridge import PrefixKV, Row, split_prefix
+
+    shared = list(range(5, 25))  # 20 ids every row starts with
+    soft = torch.randn(3, 2, ctx["target"].config.hidden_size, requires_grad=True)
+    rows = [Row(shared + [30 + i], soft[i], [40, 41][: i + 1], [50], [60 + i, 61]) for i in range(3)]
+    pre, rest = split_prefix(rows)
+    assert pre == shared and [r.before for r in rest] == [[30], [31], [32]]
+    plain = dict(ctx, prefix_kv=None)
+    cached = dict(ctx, prefix_kv=PrefixKV())
+    a, ta, ma = M.target_logits(plain, ctx["target"], rows)
+    ga, = torch.autograd.grad(a[ma].logsumexp(-1).sum(), soft)
+    for _ in range(2):  # the second call reuses the stored prefix
+        b, tb, mb = M.target_logits(cached, ctx["target"], rows)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        assert torch.equal(ta, tb) and torch.equal(ma, mb)
+    gb, = torch.autograd.grad(b[mb].logsumexp(-1).sum(), soft)
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+    assert len(cached["prefix_kv"]._kv) == 1

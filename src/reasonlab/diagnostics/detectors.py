@@ -897,6 +897,27 @@ def detect_controls(rf: RunFolder, th: Thresholds) -> list[Finding]:
     return out
 
 
+def detect_copy_task(rf: RunFolder, th: Thresholds) -> list[Finding]:
+    """A bridge eval whose answers can be read off the question (its summary's copy_baseline, recorded by the bridge
+    recipe): there the zero- and shuffled-source controls sit at 0 by construction, so beating them is no evidence
+    that the source's state crossed the bridge."""
+    out = []
+    for e in rf.evals:
+        m = e.metric("copy_baseline") if e.own else None
+        if m is None or m["value"] < 0.5 or (e.split not in HELD_OUT):
+            continue
+        out.append(_f("warning", "copy_task",
+                      f"[{e.tag}] the controls cannot fail here: the answer is in the question for "
+                      f"{m['value']:.0%} of {m.get('n')} items", [e.step] if e.step is not None else [], [m["value"]],
+                      explanation="When the answer occurs in the question, any bridge that copies the question's "
+                                  "words scores and zero- or shuffled-source controls cannot: the result shows "
+                                  "vocabulary translation, not transfer of what the source computed.",
+                      recommendation="Report it as a vocabulary-translation check; measure transfer on a task whose "
+                                     "answer is computed from the question (e.g. number-words)."))
+        break  # one finding per run: every split of a task shares the property
+    return out
+
+
 def detect_checkpoint_selection(rf: RunFolder, th: Thresholds) -> list[Finding]:
     best = [c for c in rf.checkpoints if c.name == "best"]
     if not best:
@@ -925,7 +946,7 @@ DETECTORS: list[Callable[[RunFolder, Thresholds], list[Finding]]] = [
     detect_run_end, detect_compute, detect_nonfinite, detect_zero_grad_terms, detect_ppo_ratio, detect_reward_signal,
     detect_encoder_collapse, detect_output_collapse, detect_repetition, detect_weights, detect_generalization_gap,
     detect_no_improvement, detect_leakage, detect_eval_power, detect_ceiling, detect_eval_schedule, detect_controls,
-    detect_checkpoint_selection,
+    detect_copy_task, detect_checkpoint_selection,
 ]
 
 

@@ -180,13 +180,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
 
 @torch.no_grad()
 def _decode_chunk(model, tok, prompts: list[list[int]] | None, expand: int, cfg: GenConfig,
-                  gens: list[torch.Generator | None], stop_ids: set[int], embeds: tuple | None = None):
+                  gens: list[torch.Generator | None], stop_ids: set[int], embeds: tuple | None = None,
+                  past: tuple | None = None):
     """Prefill P prompts once (token ids, or `embeds` = (inputs_embeds (P, T, D), mask (P, T)) left-padded), repeat
     each row's cache `expand` times, decode P*expand rows together; row r draws from gens[r // expand]. Returns
     P*expand Samples, rows of one prompt adjacent."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stop_ids), 0)
-    cache = new_cache(model)
+    cache = new_cache(model) if past is None else past[0]
     if embeds is None:
         ids, mask = _left_pad(prompts, pad, device)  # (P, T)
         inputs = {"input_ids": ids}
@@ -194,6 +195,9 @@ def _decode_chunk(model, tok, prompts: list[list[int]] | None, expand: int, cfg:
         x, mask = embeds
         inputs = {"inputs_embeds": x}
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (P, T): real tokens at 0..len-1 whatever the padding
+    if past is not None:  # cached positions (B, P0) come first: the new tokens continue after their real ones
+        pos = pos + past[1].sum(1, keepdim=True)
+        mask = torch.cat([past[1].to(mask.dtype), mask], dim=1)  # (P, P0 + T)
     logits = lm_forward(model, cache=cache, attention_mask=mask, position_ids=pos, logits_to_keep=1,
                         **inputs).logits[:, -1, :]  # (P, V)
     if expand > 1:  # share the prompt's keys/values across its group instead of recomputing them
@@ -311,10 +315,12 @@ def generate(model, tok, prompts: list[str] | list[list[int]], cfg: GenConfig | 
 
 
 @torch.no_grad()
-def generate_from_embeds(model, tok, embeds: torch.Tensor, attn: torch.Tensor, cfg: GenConfig) -> list[Sample]:
+def generate_from_embeds(model, tok, embeds: torch.Tensor, attn: torch.Tensor, cfg: GenConfig,
+                         past: tuple | None = None) -> list[Sample]:
     """One greedy (or seeded) sample per row from left-padded input embeddings (B, T, D) with mask (B, T): the own
     loop prefilled from embeddings instead of token ids (the bridge's soft prompts). Equals generation from the same
-    tokens' ids (tests/test_bridge.py)."""
+    tokens' ids (tests/test_bridge.py). `past` = (cache, mask (B, P)): positions already in a cache that come before
+    the embeddings (a shared prefix, or the bridge's fused prompt); the cache is consumed."""
     if cfg.n != 1:
         raise ValueError("generate_from_embeds draws one sample per row")
     seeds = prompt_seeds(cfg.seed, embeds.shape[0])
@@ -322,7 +328,7 @@ def generate_from_embeds(model, tok, embeds: torch.Tensor, attn: torch.Tensor, c
     model.eval()
     try:
         return _decode_chunk(model, tok, None, 1, cfg, _generators(seeds, embeds.device, cfg.temperature == 0),
-                             eos_ids(model, tok), embeds=(embeds, attn))
+                             eos_ids(model, tok), embeds=(embeds, attn), past=past)
     finally:
         model.train(was_training)
 

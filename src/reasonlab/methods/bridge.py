@@ -49,9 +49,12 @@ import torch
 from reasonlab import training
 from reasonlab.config import BaseConfig, ConfigError, EvalConfig, F, TrainConfig
 from reasonlab.watch import WatchConfig, Watcher, encoder_stats, record_train_ids
-from reasonlab.models.bridge import (Bridge, BridgeError, DiTConfig, Row, SourceConfig, TranslatorConfig, answer_logits,
-                                     answer_nll, assemble, ctc_alignment, curriculum_text_prob, derangement, info_nce,
-                                     kl_first_k, load_source, prompt_alignment, separation)
+from reasonlab.models.bridge import (Bridge, BridgeError, DiTConfig, PrefixKV, Row, SourceConfig, TranslatorConfig,
+                                     answer_logits, answer_nll, assemble, ctc_alignment, curriculum_text_prob,
+                                     derangement, info_nce, kl_first_k, load_source, prompt_alignment, separation,
+                                     split_prefix)
+from reasonlab.eval.generate import hf_config
+from reasonlab.eval.metrics import accuracy
 from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl.audit import audit_terms
 from reasonlab.runs import Run, batch_indices
@@ -72,14 +75,20 @@ class DataConfig:
     test_split: str = F("test", "split evaluated once at the end, on the best-on-validation checkpoint")
 
 
+MODES = ("soft_only", "soft_plus_text", "kv_fusion")
+SOFT_TERMS = ("kl", "align", "infonce", "dit", "flow")  # terms of soft tokens / the text teacher: not for kv_fusion
+
+
 @dataclass
 class MethodConfig:
-    mode: str = F("soft_only", "soft_only (the target never sees the question text) | soft_plus_text")
+    mode: str = F("soft_only", "soft_only (the target never sees the question text) | soft_plus_text | kv_fusion "
+                               "(the target reads its own text prompt; the source is fused into its keys/values: "
+                               "translator.kind kv_fusion)")
     curriculum_steps: int = F(0, "soft_only: show the text with probability 1 - step/N during training (0: never)")
 
     def __post_init__(self):
-        if self.mode not in ("soft_only", "soft_plus_text"):
-            raise ValueError(f"bridge.mode must be soft_only | soft_plus_text, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"bridge.mode must be {' | '.join(MODES)}, got {self.mode!r}")
         if self.curriculum_steps < 0:
             raise ValueError("bridge.curriculum_steps must be >= 0")
 
@@ -99,9 +108,10 @@ class LossConfig:
     separation: float = F(0.0, "true-vs-shuffled-source separation of the gold-answer NLL")
     separation_margin: float = F(1.0, "separation margin in nats/token")
     dit: float = F(0.0, "flow-matching DiT auxiliary (needs dit.enabled)")
+    flow: float = F(0.0, "translator.kind dit: its rectified-flow loss toward the question's target embeddings")
 
     def __post_init__(self):
-        for k in ("nll", "kl", "align", "infonce", "separation", "dit"):
+        for k in ("nll", "kl", "align", "infonce", "separation", "dit", "flow"):
             if getattr(self, k) < 0:
                 raise ValueError(f"loss.{k} must be >= 0")
         if self.align_mode not in ("mean", "chamfer", "ctc"):
@@ -140,6 +150,17 @@ class Config(BaseConfig):
             raise ValueError("loss.separation and loss.infonce compare rows of a batch: train.batch_size must be >= 2")
         if self.eval.batch_size < 2:
             raise ValueError("eval.batch_size must be >= 2 (the shuffled-source control permutes within a batch)")
+        fusion = self.translator.kind == "kv_fusion"
+        if fusion != (self.bridge.mode == "kv_fusion"):
+            raise ValueError("translator.kind kv_fusion and bridge.mode kv_fusion go together: set both (C2C-style "
+                             "fusion into the target's text prompt) or neither (soft tokens)")
+        if fusion and self.source.combine != "concat":
+            raise ValueError("kv_fusion reads each source layer on its own: set source.combine: concat")
+        if fusion and (bad := [k for k in SOFT_TERMS if getattr(self.loss, k) > 0]):
+            raise ValueError(f"kv_fusion has no soft tokens and no text teacher: set loss.{bad[0]}: 0 "
+                             "(it trains on loss.nll and loss.separation)")
+        if self.loss.flow > 0 and self.translator.kind != "dit":
+            raise ValueError("loss.flow is the DiT translator's own loss: set translator.kind: dit (or loss.flow: 0)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -205,7 +226,23 @@ class Prompter:
 def source_texts(e_list, task, cfg: Config) -> list[str]:
     if cfg.source.text == "question":
         return [e.question for e in e_list]
+    if cfg.source.text == "source_text":
+        return [e.meta["source_text"] for e in e_list]
     return [task.prompt(e, cfg.data.style) for e in e_list]
+
+
+def copy_baseline(exs, task, cfg: Config) -> list[bool]:
+    """Per example: can the gold answer be read off the question text alone (it occurs in what the source or the
+    target reads, as a whole word, case-folded)? A task where it can (word-recall: the answer IS the question) cannot
+    fail its controls in a meaningful way: bridged beating them shows vocabulary translation, not transfer."""
+    import re
+
+    out = []
+    for e, src in zip(exs, source_texts(exs, task, cfg)):
+        gold = str(e.gold).strip().lower()
+        text = f"{e.question} {src}".lower()
+        out.append(bool(gold) and re.search(rf"(?<!\w){re.escape(gold)}(?!\w)", text) is not None)
+    return out
 
 
 def question_ids(prompter: Prompter, exs, device) -> torch.Tensor:
@@ -228,6 +265,28 @@ def question_embeddings(embedding, prompter: Prompter, exs) -> tuple[torch.Tenso
 # one training batch -> weighted loss terms
 
 
+def target_logits(ctx: dict, model, rows: list[Row]):
+    """answer_logits of `model` on `rows`. With a frozen target (ctx["prefix_kv"] set) the prefix every row shares
+    runs once per run, not once per row and step."""
+    past, rows = shared_prefix(ctx, rows)
+    embeds, attn, labels = assemble(ctx["target_module"].get_input_embeddings(), rows,
+                                    ctx["prompter"].tok.pad_token_id or 0)  # (B, T, Dt), (B, T), (B, T)
+    return answer_logits(model, embeds, attn, labels, *(past or (None, None)))
+
+
+def shared_prefix(ctx: dict, rows: list[Row]) -> tuple[tuple | None, list[Row]]:
+    """((cache, mask (B, P)) of the prefix all rows share, the rows without it) with a frozen target; (None, rows)
+    otherwise or when the rows share nothing."""
+    if ctx.get("prefix_kv") is None:
+        return None, rows
+    pre, rest = split_prefix(rows)
+    if not pre:
+        return None, rows
+    dev = ctx["target_module"].get_input_embeddings().weight.device
+    return (ctx["prefix_kv"].cache(ctx["target_module"], pre, len(rows)),
+            torch.ones(len(rows), len(pre), dtype=torch.long, device=dev)), rest
+
+
 def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator, rows_of: slice | None = None) -> tuple[dict, dict]:
     """{name: (weight, scalar loss)} for every term with a non-zero weight, and batch info (soft tokens, nll).
     The total loss is sum(w * L) over this dict: each term is counted exactly once. `rows_of`: the slice of the global
@@ -237,23 +296,25 @@ def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator, rows_of: slice |
     emb = ctx["target_module"].get_input_embeddings()
     B = len(exs)
     states, smask = source.encode(source_texts(exs, ctx["task"], cfg))  # (B, S, Ds), (B, S)
+    if cfg.bridge.mode == "kv_fusion":
+        return fusion_terms(ctx, exs, states, smask, gen)
     # draws from gen in a fixed order: curriculum, derangement, then the DiT's (t, x0) inside the bridge's forward
     p_text = curriculum_text_prob(step, cfg.bridge.mode, cfg.bridge.curriculum_steps)
     draws = torch.rand(cfg.train.batch_size if rows_of is not None else B, generator=gen)  # (B_global,)
     show = (draws[rows_of if rows_of is not None else slice(None)] < p_text).tolist()
     perm = derangement(B, gen).tolist() if lw.separation > 0 else None
     q_emb = q_mask = None
-    if lw.align > 0 or lw.infonce > 0 or lw.dit > 0:
+    if lw.align > 0 or lw.infonce > 0 or lw.dit > 0 or lw.flow > 0:
         with torch.no_grad():
             q_emb, q_mask = question_embeddings(emb, prompter, exs)  # (B, L, Dt), (B, L)
     # one forward of the (DDP-wrapped) bridge gives the soft tokens and every term that reads its parameters
     soft, soft_mask, aux = bridge(states, smask, dit_target=(q_emb, q_mask) if lw.dit > 0 else None,
+                                  flow_target=(q_emb, q_mask) if lw.flow > 0 else None,
                                   generator=gen, with_aux=True)  # (B, K, Dt), (B, K)
     rows = [prompter.row(e, soft[i][soft_mask[i]], show[i], answer=True) for i, e in enumerate(exs)]
     if perm is not None:  # the same rows with another row's soft tokens, in the same forward
         rows += [prompter.row(e, soft[perm[i]][soft_mask[perm[i]]], show[i], answer=True) for i, e in enumerate(exs)]
-    embeds, attn, labels = assemble(emb, rows, prompter.tok.pad_token_id or 0)  # (B or 2B, T, Dt)
-    logits, tgt, amask = answer_logits(target, embeds, attn, labels)  # (B', A, V), (B', A), (B', A)
+    logits, tgt, amask = target_logits(ctx, target, rows)  # (B', A, V), (B', A), (B', A); B' = B or 2B
     nll_all = answer_nll(logits, tgt, amask)  # (B',)
     nll = nll_all[:B]
     terms: dict[str, tuple[float, torch.Tensor]] = {}
@@ -261,14 +322,13 @@ def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator, rows_of: slice |
         terms["nll"] = (lw.nll, nll.mean())
     if lw.kl > 0:  # the teacher reads the REAL question text (never a question-free prior)
         with torch.no_grad():
-            t_emb, t_attn, t_lab = assemble(emb, [prompter.text_row(e, answer=True) for e in exs],
-                                            prompter.tok.pad_token_id or 0)
+            t_rows = [prompter.text_row(e, answer=True) for e in exs]
             tm = ctx["target_module"]
             if hasattr(tm, "disable_adapter"):
                 with reference(tm):
-                    t_logits, _, _ = answer_logits(tm, t_emb, t_attn, t_lab)
+                    t_logits, _, _ = target_logits(ctx, tm, t_rows)
             else:
-                t_logits, _, _ = answer_logits(tm, t_emb, t_attn, t_lab)
+                t_logits, _, _ = target_logits(ctx, tm, t_rows)
         terms["kl"] = (lw.kl, kl_first_k(logits[:B], t_logits, amask[:B], lw.kl_tokens, lw.kl_temperature))
     if lw.align > 0 and lw.align_mode == "ctc":
         q_ids = question_ids(prompter, exs, soft.device)
@@ -280,10 +340,53 @@ def loss_terms(ctx: dict, exs, step: int, gen: torch.Generator, rows_of: slice |
         terms["infonce"] = (lw.infonce, info_nce(soft, soft_mask, q_emb, q_mask, lw.infonce_tau))
     if lw.dit > 0:
         terms["dit"] = (lw.dit, aux["dit"])
+    if lw.flow > 0:
+        terms["flow"] = (lw.flow, aux["flow"])
     if lw.separation > 0:
         terms["separation"] = (lw.separation, separation(nll, nll_all[B:], lw.separation_margin))
     info = {"soft": soft.detach(), "nll": nll.detach(), "nll_shuffled": nll_all[B:].detach() if perm else None,
             "p_text": p_text, "shown_text": sum(show) / B}
+    return terms, info
+
+
+def fused_forward(ctx: dict, exs, variants: list[torch.Tensor], smask: torch.Tensor):
+    """KV fusion: the frozen target prefills its text prompts once; each source variant (B, S, Ds) is fused into a
+    copy of the prompt's keys/values in ONE bridge call (under DDP the bridge runs once per step). -> (cache of
+    len(variants) * B rows, its mask, the prompts' held-back last tokens repeated)."""
+    from reasonlab.models.bridge_fusion import own_kv, prefill, rebuild
+
+    tm, prompter = ctx["target_module"], ctx["prompter"]
+    n = len(variants)
+    cache, pmask, P, last = prefill(tm, ctx.get("prefix_kv"), [prompter.get(e)["text"] for e in exs],
+                                    prompter.tok.pad_token_id or 0)
+    kv = [(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in own_kv(cache, P)]  # (n*B, Hkv, L, d)
+    fused = ctx["bridge"](torch.cat(variants), smask.repeat(n, 1), kv=kv)  # the same shapes, source mixed in
+    prefix = [(layer.keys[:, :, :P].repeat(n, 1, 1, 1), layer.values[:, :, :P].repeat(n, 1, 1, 1))
+              for layer in cache.layers]  # (n*B, Hkv, P, d): the shared few-shot block, unfused
+    return rebuild(tm, prefix, fused), pmask.repeat(n, 1), last.repeat(n)
+
+
+def fusion_terms(ctx: dict, exs, states, smask, gen) -> tuple[dict, dict]:
+    """nll of the gold answer with the source fused into the target's prompt (+ the separation term: the same with
+    another row's source, in the same forward)."""
+    cfg, prompter = ctx["cfg"], ctx["prompter"]
+    lw, B = cfg.loss, len(exs)
+    perm = derangement(B, gen).tolist() if lw.separation > 0 else None
+    variants = [states] + ([states[perm]] if perm else [])
+    cache, pmask, last = fused_forward(ctx, exs, variants, smask)
+    rows = [Row([int(last[i])], None, [], [], prompter.get(exs[i % B])["answer"]) for i in range(len(last))]
+    embeds, attn, labels = assemble(ctx["target_module"].get_input_embeddings(), rows, prompter.tok.pad_token_id or 0)
+    logits, tgt, amask = answer_logits(ctx["target"], embeds, attn, labels, cache, pmask)
+    nll_all = answer_nll(logits, tgt, amask)  # (n*B,)
+    nll = nll_all[:B]
+    terms = {}
+    if lw.nll > 0:
+        terms["nll"] = (lw.nll, nll.mean())
+    if lw.separation > 0:
+        terms["separation"] = (lw.separation, separation(nll, nll_all[B:], lw.separation_margin))
+    gates = torch.tanh(ctx["bridge_module"].translator.gate.detach())  # (n_fused, 2)
+    info = {"soft": None, "nll": nll.detach(), "nll_shuffled": nll_all[B:].detach() if perm else None,
+            "p_text": 1.0, "shown_text": 1.0, "gates": gates}
     return terms, info
 
 
@@ -304,9 +407,9 @@ def decode_rows(ctx: dict, rows: list[Row]) -> list[str]:
     gc = GenConfig(max_new_tokens=cfg.eval.max_new_tokens, stop=tuple(s for s in cfg.eval.stop if s), progress=False)
     texts = []
     for i in range(0, len(rows), cfg.eval.batch_size):
-        embeds, attn, _ = assemble(target.get_input_embeddings(), rows[i:i + cfg.eval.batch_size],
-                                   prompter.tok.pad_token_id or 0)
-        texts += [smp.text for smp in generate_from_embeds(target, prompter.tok, embeds, attn, gc)]
+        past, part = shared_prefix(ctx, rows[i:i + cfg.eval.batch_size])  # the shared few-shot block runs once
+        embeds, attn, _ = assemble(target.get_input_embeddings(), part, prompter.tok.pad_token_id or 0)
+        texts += [smp.text for smp in generate_from_embeds(target, prompter.tok, embeds, attn, gc, past=past)]
     return texts
 
 
@@ -357,8 +460,11 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
             chunk = exs[a:b]
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 104_729 + c)  # per chunk: any sharding
             states, smask = source.encode(source_texts(chunk, task, cfg))
-            soft, soft_mask = bridge(states, smask)  # (b, K, Dt), (b, K)
             perm = derangement(len(chunk), gen).tolist()  # row i reads row perm[i]'s source
+            if cfg.bridge.mode == "kv_fusion":
+                out.append(fusion_chunk(ctx, chunk, states, smask, perm, split, cache))
+                continue
+            soft, soft_mask = bridge(states, smask, generator=gen)  # (b, K, Dt), (b, K)
             rows = {"bridged": [], "zero_source": [], "shuffled_source": []}
             for i, e in enumerate(chunk):
                 rows["bridged"].append(prompter.row(e, soft[i][soft_mask[i]], show, answer=False))
@@ -375,11 +481,11 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
         parts = training.sharded(ctx.get("compute"), spans, run_chunks)
     outputs = {k: sum((p["outputs"][k] for p in parts), []) for k in parts[0]["outputs"]}
     src_of = sum((p["src_of"] for p in parts), [])
-    softs = [p["soft"] for p in parts]
+    softs = [p["soft"] for p in parts if p["soft"] is not None]
     bridge.train()
 
     frozen_text = cfg.target.lora.r == 0
-    shown = [prompter.get(e)["shown"] for e in exs]
+    shown = [prompter.get(e)["text_prompt" if cfg.bridge.mode == "kv_fusion" else "shown"] for e in exs]
     recs = {"bridged": score_records(task, exs, outputs["bridged"], shown),
             "zero_source": score_records(task, exs, outputs["zero_source"], shown,
                                          [{"soft": "zeros"} for _ in exs]),
@@ -403,7 +509,10 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
 
     split_name = "val" if split == cfg.data.val_split else ("test" if split == cfg.data.test_split else split)
     base = f"{split_name}.{task.name}@{'final' if final else f'step_{step}'}"
-    soft_stats = encoder_stats(torch.cat(softs)) if len(exs) >= 2 else {}
+    soft_stats = encoder_stats(torch.cat(softs)) if len(exs) >= 2 and softs else {}
+    copy = copy_baseline(exs, task, cfg)
+    for r, c in zip(recs["bridged"], copy):
+        r["answer_in_question"] = c
     common = {"split": split_name, "step": step, "final": final, "task": task.name, "task_version": task.version,
               "mode": cfg.bridge.mode, "decoding": "greedy", "max_new_tokens": cfg.eval.max_new_tokens,
               "source": cfg.source.name, "target": cfg.target.name}
@@ -413,6 +522,12 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
         if cond == "bridged":
             tag = base
             summary["soft_tokens"] = soft_stats
+            # how often the answer can be read off the question alone: high = the controls cannot fail here
+            summary["metrics"]["copy_baseline"] = accuracy(copy).to_dict()
+            if cfg.bridge.mode == "kv_fusion":
+                g = torch.tanh(bridge.translator.gate.detach()).abs()  # (n_fused, 2)
+                summary["fusion"] = {"layers": bridge.translator.layers, "gate_k": g[:, 0].tolist(),
+                                     "gate_v": g[:, 1].tolist()}
         elif cond == "source_alone":
             tag = f"{split_name}.{task.name}.source@{'final' if final else f'step_{step}'}"
             summary.update(tag=tag, role="source_alone", note="the source model alone on the text; not a control")
@@ -429,11 +544,34 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
     return out
 
 
+def fusion_chunk(ctx: dict, chunk, states, smask, perm: list[int], split: str, cache: dict) -> dict:
+    """KV fusion's eval rows of one chunk: bridged (its own source fused in), zero_source (zero source states),
+    shuffled_source (another row's), decoded greedily from the fused caches in one batch; target_text (the plain
+    target on the same text prompt) through the soft-token path's text rows."""
+    from reasonlab.eval.generate import GenConfig, generate_from_embeds
+
+    cfg, target, prompter = ctx["cfg"], ctx["target_module"], ctx["prompter"]
+    b = len(chunk)
+    cache, pmask, last = fused_forward(ctx, chunk, [states, torch.zeros_like(states), states[perm]], smask)
+    embeds = target.get_input_embeddings()(last)[:, None]  # (3b, 1, Dt): each prompt's held-back last token
+    gc = GenConfig(max_new_tokens=cfg.eval.max_new_tokens, stop=tuple(x for x in cfg.eval.stop if x), progress=False)
+    texts = [smp.text for smp in generate_from_embeds(target, prompter.tok, embeds, torch.ones_like(last)[:, None],
+                                                      gc, past=(cache, pmask))]
+    outs = {"bridged": texts[:b], "zero_source": texts[b:2 * b], "shuffled_source": texts[2 * b:]}
+    if not (cfg.target.lora.r == 0 and ("target_text", split) in cache):
+        outs["target_text"] = decode_rows(ctx, [prompter.text_row(e, answer=False) for e in chunk])
+    return {"outputs": outs, "src_of": [chunk[j].id for j in perm], "soft": None}
+
+
 def source_alone(ctx: dict, exs, stop=None) -> list[dict]:
     """The source model answering the task prompt itself (greedy, same budget and stop strings)."""
     from reasonlab.eval.generate import GenConfig, OwnSampler, encode
 
+    from dataclasses import replace
+
     cfg, task, source = ctx["cfg"], ctx["task"], ctx["source"]
+    if cfg.source.text == "source_text":  # the source alone has only its part of the question
+        exs = [replace(e, question=e.meta["source_text"]) for e in exs]
     prompts = [task.prompt(e, cfg.data.style) for e in exs]
     gc = GenConfig(max_new_tokens=cfg.eval.max_new_tokens, stop=tuple(cfg.eval.stop), batch_size=cfg.eval.batch_size,
                    progress=False)
@@ -484,6 +622,10 @@ def main(cfg: Config, run: Run) -> dict:
     train = train[: cfg.data.n_train] if cfg.data.n_train else train
     val = task.examples(cfg.data.val_split)
     val = val[: cfg.eval.limit] if cfg.eval.limit else val
+    if cfg.source.text == "source_text" and not all("source_text" in e.meta for e in train[:1] + val[:1]):
+        raise ConfigError(f"source.text: source_text needs examples with meta['source_text'] and {task.name!r} has "
+                          "none; use a task that splits its question (number-words split_question: true) or "
+                          "source.text: question")
     src_stand_in = run.dry_run and not is_available_offline(cfg.source.name)
     tgt_stand_in = run.dry_run and not is_available_offline(cfg.target.name)
     device = compute.device
@@ -494,7 +636,8 @@ def main(cfg: Config, run: Run) -> dict:
     target_module.eval()  # no dropout in the frozen target
     torch.manual_seed(cfg.seed)  # the bridge's init does not depend on what loading consumed
     bridge_module = Bridge(source.dim, target_module.get_input_embeddings().weight, cfg.translator, cfg.dit,
-                           ctc_blank=cfg.loss.align > 0 and cfg.loss.align_mode == "ctc").to(device)
+                           ctc_blank=cfg.loss.align > 0 and cfg.loss.align_mode == "ctc",
+                           target_config=hf_config(target_module), source_layers=len(source.cfg.layers)).to(device)
     prompter = Prompter(task, tok, cfg)
     params = [p for p in bridge_module.parameters() if p.requires_grad] + \
              [p for p in target_module.parameters() if p.requires_grad]
@@ -503,7 +646,8 @@ def main(cfg: Config, run: Run) -> dict:
     # the translator (and a target LoRA) under DDP; find_unused: a DiT or CTC blank with weight 0 gets no gradient
     bridge, target, opt = compute.prepare(bridge_module, target_module, opt, find_unused=True)
     ctx = {"cfg": cfg, "task": task, "source": source, "target": target, "target_module": target_module,
-           "bridge": bridge, "bridge_module": bridge_module, "prompter": prompter, "run": run, "compute": compute}
+           "bridge": bridge, "bridge_module": bridge_module, "prompter": prompter, "run": run, "compute": compute,
+           "prefix_kv": PrefixKV() if cfg.target.lora.r == 0 else None}  # a trained target recomputes its prefix
 
     def step_gen(step: int) -> torch.Generator:  # curriculum draws, shuffles, DiT noise: a function of (seed, step)
         return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -530,7 +674,9 @@ def main(cfg: Config, run: Run) -> dict:
         audit = audit_terms(terms, params)
         loss = float(total_loss(terms).detach())
         shown = prompter.get(exs[0])["shown"]
-        training.print0(f"dry run: soft tokens {tuple(info['soft'].shape)}, loss {loss:.4f}\n{audit.table()}\n"
+        what = "fused layers" if info["soft"] is None else "soft tokens"
+        shape = tuple(info["gates"].shape) if info["soft"] is None else tuple(info["soft"].shape)
+        training.print0(f"dry run: {what} {shape}, loss {loss:.4f}\n{audit.table()}\n"
                         f"bridged prompt (end): {('...' if len(shown) > 300 else '') + shown[-300:]!r}\n"
                         "nothing trained")
         return {"dry_run": True, "bridge_params": n_bridge, "loss": loss, **compute.describe(), "backend": "own",
@@ -585,13 +731,17 @@ def main(cfg: Config, run: Run) -> dict:
         step += 1
         if step % cfg.train.log_every == 0 or step == 1:
             now = time.time()
-            soft = torch.cat(compute.gather(info["soft"].float().cpu()))  # (B_global, K, Dt)
+            if info["soft"] is not None:
+                soft = torch.cat(compute.gather(info["soft"].float().cpu()))  # (B_global, K, Dt)
+                metrics.update(encoder_stats(soft))
+            else:  # kv_fusion: how open the gates are (|tanh g| over the fused layers)
+                metrics.update({"train/gate_k": float(info["gates"][:, 0].abs().mean()),
+                                "train/gate_v": float(info["gates"][:, 1].abs().mean())})
             metrics.update({"train/loss": compute.mean(loss.detach()), "train/grad_norm": gnorm,
                             "train/lr": sched.get_last_lr()[0], "train/p_text": info["p_text"],
                             "train/nll": compute.mean(info["nll"].mean()), "time/step_s": (now - t_last),
                             "time/cpu_s": time.process_time() - cpu0, "time/wall_s": now - wall0,
-                            **{f"train/term/{k}": compute.mean(v.detach()) for k, (_, v) in terms.items()},
-                            **encoder_stats(soft)})
+                            **{f"train/term/{k}": compute.mean(v.detach()) for k, (_, v) in terms.items()}})
             if info["nll_shuffled"] is not None:
                 metrics["train/nll_shuffled"] = compute.mean(info["nll_shuffled"].mean())
         t_last = time.time()

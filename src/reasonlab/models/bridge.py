@@ -53,7 +53,9 @@ class SourceConfig:
     name: str = F("minilm-l6", "source model: embedded alias, local HF folder or hub id (decoder or encoder)")
     layers: list[int] = F([-1], "hidden_states indices read from the source (0 = embedding output, -1 = last layer)")
     combine: str = F("concat", "how several layers are combined: concat (feature axis) | mean")
-    text: str = F("question", "what the source reads: question (the question text) | prompt (the task's full prompt)")
+    text: str = F("question", "what the source reads: question (the question text) | prompt (the task's full prompt) "
+                              "| source_text (the part of the question only the source gets, a task's "
+                              "meta['source_text'], e.g. number-words split_question)")
     max_len: int = F(512, "truncate the source input to this many tokens (from the left: the question is at the end)")
     dtype: str = F("float32", "float32 | bfloat16 | float16")
 
@@ -62,14 +64,24 @@ class SourceConfig:
             raise ValueError("source.layers must name at least one hidden-state index, e.g. [-1]")
         if self.combine not in ("concat", "mean"):
             raise ValueError(f"source.combine must be concat | mean, got {self.combine!r}")
-        if self.text not in ("question", "prompt"):
-            raise ValueError(f"source.text must be question | prompt, got {self.text!r}")
+        if self.text not in ("question", "prompt", "source_text"):
+            raise ValueError(f"source.text must be question | prompt | source_text, got {self.text!r}")
+
+
+KINDS = ("resampler", "mlp", "dit", "kv_fusion")
 
 
 @dataclass
 class TranslatorConfig:
-    kind: str = F("resampler", "resampler (K learned queries cross-attend to the source) | mlp (per source token)")
-    num_queries: int = F(16, "resampler: number of soft tokens K")
+    kind: str = F("resampler", "resampler (K learned queries cross-attend to the source) | mlp (per source token) | "
+                               "dit (LatentWire's DiT: K soft tokens by a rectified flow from noise, conditioned on "
+                               "the source) | kv_fusion (C2C-style: no soft tokens; the source is fused into the "
+                               "target's own prompt keys/values per layer through gates; needs bridge.mode kv_fusion)")
+    num_queries: int = F(16, "resampler / dit: number of soft tokens K")
+    flow_steps: int = F(4, "dit: Euler steps from noise to soft tokens (unrolled in training: the NLL trains them)")
+    fusion_layers: list[int] = F([], "kv_fusion: target layers that receive the source ([] = every layer)")
+    gate_init: float = F(1.0, "kv_fusion: initial per-layer gate g (scale tanh(g)); the projector's output starts at "
+                              "0, so the fused target starts as the plain target whatever the gate")
     expand: int = F(1, "mlp: soft tokens per source token")
     hidden: int = F(256, "translator width")
     layers: int = F(2, "resampler blocks (cross-attention, self-attention, MLP) | mlp hidden layers")
@@ -79,13 +91,15 @@ class TranslatorConfig:
     scale: str = F("target_rms", "target_rms: every soft token gets the target's embedding RMS | none")
 
     def __post_init__(self):
-        if self.kind not in ("resampler", "mlp"):
-            raise ValueError(f"translator.kind must be resampler | mlp, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"translator.kind must be {' | '.join(KINDS)}, got {self.kind!r}")
+        if self.flow_steps < 1:
+            raise ValueError("translator.flow_steps must be >= 1")
         if self.scale not in ("target_rms", "none"):
             raise ValueError(f"translator.scale must be target_rms | none, got {self.scale!r}")
         if self.num_queries < 1 or self.expand < 1 or self.layers < 1:
             raise ValueError("translator.num_queries, expand and layers must be >= 1")
-        if self.kind == "resampler" and self.hidden % self.heads:
+        if self.kind != "mlp" and self.hidden % self.heads:
             raise ValueError(f"translator.hidden {self.hidden} must be divisible by translator.heads {self.heads}")
 
 
@@ -244,11 +258,19 @@ class Bridge(nn.Module):
     """Translator (+ optional flow DiT). forward(states, mask) -> soft tokens (B, K, Dt) and their mask (B, K)."""
 
     def __init__(self, d_src: int, target_embedding: torch.Tensor, tc: TranslatorConfig,
-                 dc: DiTConfig | None = None, ctc_blank: bool = False):
+                 dc: DiTConfig | None = None, ctc_blank: bool = False, target_config=None, source_layers: int = 1):
         super().__init__()
         d_tgt = target_embedding.shape[1]
         self.tc = tc
-        self.translator = Resampler(d_src, d_tgt, tc) if tc.kind == "resampler" else TokenMLP(d_src, d_tgt, tc)
+        if tc.kind == "kv_fusion":
+            if target_config is None:
+                raise ValueError("translator.kind kv_fusion needs the target's config (layers, key/value heads)")
+            from reasonlab.models.bridge_fusion import KVFusion
+
+            self.translator = KVFusion(d_src, source_layers, target_config, tc)
+        else:
+            cls = {"resampler": Resampler, "mlp": TokenMLP, "dit": DiTTranslator}[tc.kind]
+            self.translator = cls(d_src, d_tgt, tc)
         # the target's embedding scale, a buffer so checkpoints carry it and it never trains
         self.register_buffer("target_rms", torch.tensor(embedding_rms(target_embedding)))
         self.dit = FlowDiT(d_tgt, dc) if dc is not None and dc.enabled else None
@@ -256,17 +278,29 @@ class Bridge(nn.Module):
         self.blank = nn.Parameter(torch.randn(d_tgt) * self.target_rms) if ctc_blank else None
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor, dit_target: tuple | None = None,
-                generator: torch.Generator | None = None, with_aux: bool = False):
+                generator: torch.Generator | None = None, with_aux: bool = False, kv: list | None = None,
+                flow_target: tuple | None = None):
         """-> (soft (B, K, Dt), mask (B, K)); with_aux: (soft, mask, aux) where aux holds the DiT loss on dit_target
-        = (question embeddings (B, L, Dt), mask (B, L)) and the CTC blank. Training asks for them here because
-        under DDP a parameter used outside the wrapped module's forward (the DiT, the blank) breaks the gradient
-        sync ("mark a variable ready only once")."""
-        x, m = self.translator(states, mask)  # (B, K, Dt), (B, K)
+        = (question embeddings (B, L, Dt), mask (B, L)), the dit translator's flow loss on flow_target (the same
+        pair) and the CTC blank. Training asks for them here because under DDP a parameter used outside the
+        wrapped module's forward (the DiT, the blank) breaks the gradient sync ("mark a variable ready only once").
+        kv_fusion: forward(states, mask, kv=[(K, V) per target layer, each (B, Hkv, T, d)]) -> the fused list."""
+        if self.tc.kind == "kv_fusion":
+            if kv is None:
+                raise ValueError("the kv_fusion translator fuses a prompt's keys/values: pass kv=")
+            return self.translator(kv, states, mask)
+        if self.tc.kind == "dit":
+            x, m = self.translator(states, mask, generator)  # (B, K, Dt), (B, K)
+        else:
+            x, m = self.translator(states, mask)  # (B, K, Dt), (B, K)
         if self.tc.scale == "target_rms":
             x = rms_normalize(x) * self.target_rms
         if not with_aux:
             return x, m
         aux: dict[str, torch.Tensor] = {}
+        if flow_target is not None:
+            aux["flow"] = self.translator.flow_loss(flow_target[0], flow_target[1], states, mask, self.target_rms,
+                                                   generator)
         if dit_target is not None:
             aux["dit"] = self.dit.loss(dit_target[0], dit_target[1], x, m, self.target_rms, generator)
         if self.blank is not None:
@@ -350,6 +384,63 @@ class FlowDiT(nn.Module):
         return (err * m).sum() / m.sum().clamp(min=1)
 
 
+def resample_tokens(x: torch.Tensor, mask: torch.Tensor, K: int) -> torch.Tensor:
+    """Each row's real tokens (B, L, D) linearly interpolated to K positions: (B, K, D) (LatentWire's flow target)."""
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i, mask[i]].T[None]  # (1, D, n)
+        out.append(F_.interpolate(xi, size=K, mode="linear", align_corners=True)[0].T if xi.shape[-1] > 1
+                   else xi[0].T.expand(K, -1))
+    return torch.stack(out)
+
+
+class DiTTranslator(nn.Module):
+    """LatentWire's DiT bridge used as the translator: K soft tokens generated by a rectified flow from Gaussian noise,
+    conditioned on the source (cross-attention to its states; the flow time plus the pooled source modulate every
+    block, adaLN-Zero). forward Euler-integrates `flow_steps` velocity steps from seeded noise, unrolled with
+    gradient, so the answer NLL (and every other term) trains it end to end; flow_loss is LatentWire's own objective,
+    velocity regression toward the target's embeddings of the question resampled to K positions (loss.flow). The
+    anchor's DiT bridges lost to cross-attention resamplers everywhere they were compared: it is here to compare."""
+
+    def __init__(self, d_src: int, d_tgt: int, tc: TranslatorConfig):
+        super().__init__()
+        h = tc.hidden
+        self.K, self.steps, self.d_tgt = tc.num_queries, tc.flow_steps, d_tgt
+        self.src = nn.Sequential(nn.LayerNorm(d_src), nn.Linear(d_src, h))
+        self.pool = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
+        self.inp = nn.Linear(d_tgt, h)
+        self.pos = nn.Parameter(torch.randn(tc.num_queries, h) * 0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
+        self.blocks = nn.ModuleList(DiTBlock(h, tc.heads) for _ in range(tc.layers))
+        self.out = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, d_tgt))
+
+    def velocity(self, x, t, states, mask):  # x (B, K, Dt) in target-RMS units, t (B,), states (B, S, Ds)
+        c = self.src(states)  # (B, S, H)
+        cond = self.t_mlp(timestep_embedding(t, c.shape[-1])) + self.pool(masked_mean(c, mask))  # (B, H)
+        z = self.inp(x) + self.pos  # (B, K, H)
+        for blk in self.blocks:
+            z = blk(z, None, c, ~mask, cond)
+        return self.out(z)  # (B, K, Dt)
+
+    def forward(self, states, mask, generator: torch.Generator | None = None):
+        B = states.shape[0]
+        x = torch.randn(B, self.K, self.d_tgt, generator=generator).to(states.device)  # (B, K, Dt): t = 0
+        for i in range(self.steps):
+            t = torch.full((B,), i / self.steps, device=states.device)
+            x = x + self.velocity(x, t, states, mask) / self.steps
+        return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+    def flow_loss(self, q_emb, q_mask, states, mask, scale, generator: torch.Generator | None = None):
+        """|| v(x_t, t | source) - (x1 - x0) ||^2 with x1 = the question's target embeddings (B, L, Dt) resampled to K
+        positions, in units of the target embedding RMS; x_t = (1 - t) x0 + t x1, x0 ~ N(0, I)."""
+        x1 = resample_tokens(q_emb / scale, q_mask, self.K)  # (B, K, Dt)
+        B = x1.shape[0]
+        t = torch.rand(B, generator=generator).to(x1.device)
+        x0 = torch.randn(x1.shape, generator=generator).to(x1.device)
+        xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * x1
+        return (self.velocity(xt, t, states, mask) - (x1 - x0)).pow(2).mean()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # target inputs
 
@@ -387,12 +478,59 @@ def assemble(embedding: nn.Embedding, rows: list[Row], pad_id: int = 0):
     return out, attn, lab
 
 
-def answer_logits(model, embeds: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor):
+def split_prefix(rows: list[Row]) -> tuple[list[int], list[Row]]:
+    """The longest run of leading `before` ids every row shares (the task's few-shot block before the question),
+    keeping at least one token of each row's own, and the rows without it."""
+    befores = [r.before for r in rows]
+    n = min(len(b) for b in befores) - 1
+    P = 0
+    while P < n and all(b[P] == befores[0][P] for b in befores):
+        P += 1
+    return befores[0][:P], [dataclasses.replace(r, before=r.before[P:]) for r in rows]
+
+
+class PrefixKV:
+    """Keys/values of a prefix every row of a batch shares, computed once per distinct prefix by a FROZEN target and
+    reused by every later forward (the rows then run only their own tokens: ~10x fewer positions for a 6-shot prompt).
+    The same function as one forward over the whole rows up to float rounding (tests/test_bridge.py). Only valid
+    while the target's weights do not change: the recipe uses it only without a target LoRA."""
+
+    def __init__(self):
+        self._kv: dict[tuple, list] = {}
+
+    def cache(self, model, ids: list[int], B: int):
+        """A fresh cache holding the prefix `ids` for B rows (the stored tensors are expanded, never copied)."""
+        from reasonlab.eval.generate import lm_forward, new_cache
+
+        key = tuple(ids)
+        if key not in self._kv:
+            dev = model.get_input_embeddings().weight.device
+            c = new_cache(model)
+            x = torch.tensor([ids], device=dev)  # (1, P)
+            with torch.no_grad():
+                lm_forward(model, cache=c, input_ids=x, attention_mask=torch.ones_like(x),
+                           position_ids=torch.arange(len(ids), device=dev)[None], logits_to_keep=1)
+            self._kv[key] = [(layer.keys, layer.values) for layer in c.layers]  # each (1, H, P, d)
+        c = new_cache(model)
+        for i, (k, v) in enumerate(self._kv[key]):
+            c.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), i)  # (B, H, P, d)
+        return c
+
+
+def answer_logits(model, embeds: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor, past=None,
+                  past_mask: torch.Tensor | None = None):
     """Forward the target; logits at the positions that predict answer tokens: (B, A, V) with targets (B, A) and a
-    mask (B, A) (A = the longest answer; shorter answers are left-aligned in the A slots)."""
+    mask (B, A) (A = the longest answer; shorter answers are left-aligned in the A slots). `past`: a cache whose
+    positions (mask (B, P), True = real) come before `embeds` (PrefixKV's shared prefix, or KV fusion's prompt)."""
+    from reasonlab.eval.generate import lm_forward
+
     keep = int((labels != -100).sum(1).max()) + 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, T): padding never shifts a row's positions
-    logits = model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, logits_to_keep=keep).logits
+    if past_mask is not None:  # the new tokens continue after the cached real positions
+        pos = pos + past_mask.sum(1, keepdim=True)
+        attn = torch.cat([past_mask.to(attn.dtype), attn], dim=1)  # (B, P + T)
+    logits = lm_forward(model, cache=past, inputs_embeds=embeds, attention_mask=attn, position_ids=pos,
+                        logits_to_keep=keep).logits
     logits = logits[:, :-1].float()  # (B, A, V): position j predicts token j+1
     tgt = labels[:, -(keep - 1):]  # (B, A)
     # answers are right-aligned (left padding): move each row's answer to the front so slot i = i-th answer token

@@ -238,3 +238,24 @@ def test_fusion_config_errors_are_one_line():
         from_dict(M.Config, {"translator": {"kind": "fusion"}})
     with pytest.raises(ValueError, match="source.text must be"):
         from_dict(M.Config, {"source": {"text": "half"}})
+
+
+def test_tiny_fusion_run_writes_every_condition_the_copy_baseline_and_gates(tmp_path):
+    import json
+
+    from conftest import cli, only_run_dir, read_json
+
+    cli("run", str(ROOT / "configs" / "bridge" / "tiny-fusion.yaml"), "--out", str(tmp_path), timeout=900)
+    run = only_run_dir(tmp_path)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("grad/term/nll", 0) > 0 and r.get("grad/term/separation", 0) > 0 for r in rows)
+    assert any("train/gate_k" in r for r in rows)
+    evals = {p.name for p in (run / "evals").glob("*.json")}
+    for suffix in ("", "+control=zero_source", "+control=shuffled_source", "+control=target_text"):
+        assert f"test.number-words@final{suffix}.json" in evals, sorted(evals)
+    final = read_json(run / "evals" / "test.number-words@final.json")
+    assert final["mode"] == "kv_fusion" and final["metrics"]["copy_baseline"]["value"] == 0.0
+    assert len(final["fusion"]["gate_k"]) == 2 and final["metrics"]["accuracy"]["n"] == 8
+    src = read_json(run / "evals" / "test.number-words.source@final.json")  # the source alone, on its half
+    assert src["role"] == "source_alone"
+    assert read_json(run / "summary.json")["status"] == "completed"

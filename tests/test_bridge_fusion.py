@@ -258,4 +258,6 @@ def test_tiny_fusion_run_writes_every_condition_the_copy_baseline_and_gates(tmp_
     assert len(final["fusion"]["gate_k"]) == 2 and final["metrics"]["accuracy"]["n"] == 8
     src = read_json(run / "evals" / "test.number-words.source@final.json")  # the source alone, on its half
     assert src["role"] == "source_alone"
+    assert set(final["paired"]) == {"zero_source", "shuffled_source", "target_text", "source_alone"}
+    assert all(0 < d["p_value"] <= 1 and d["n"] == 8 for d in final["paired"].values())
     assert read_json(run / "summary.json")["status"] == "completed"

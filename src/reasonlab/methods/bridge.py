@@ -516,6 +516,7 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
     common = {"split": split_name, "step": step, "final": final, "task": task.name, "task_version": task.version,
               "mode": cfg.bridge.mode, "decoding": "greedy", "max_new_tokens": cfg.eval.max_new_tokens,
               "source": cfg.source.name, "target": cfg.target.name}
+    paired = paired_vs_conditions(recs)
     out = {}
     for cond, rs in recs.items():
         summary = {**common, "tag": base, "condition": cond, "metrics": summarize(rs, task)}
@@ -524,6 +525,7 @@ def evaluate(ctx: dict, exs, split: str, step: int, final: bool, cache: dict) ->
             summary["soft_tokens"] = soft_stats
             # how often the answer can be read off the question alone: high = the controls cannot fail here
             summary["metrics"]["copy_baseline"] = accuracy(copy).to_dict()
+            summary["paired"] = paired  # bridged - each other condition on the same items (paired bootstrap)
             if cfg.bridge.mode == "kv_fusion":
                 g = torch.tanh(bridge.translator.gate.detach()).abs()  # (n_fused, 2)
                 summary["fusion"] = {"layers": bridge.translator.layers, "gate_k": g[:, 0].tolist(),
@@ -561,6 +563,18 @@ def fusion_chunk(ctx: dict, chunk, states, smask, perm: list[int], split: str, c
     if not (cfg.target.lora.r == 0 and ("target_text", split) in cache):
         outs["target_text"] = decode_rows(ctx, [prompter.text_row(e, answer=False) for e in chunk])
     return {"outputs": outs, "src_of": [chunk[j].id for j in perm], "soft": None}
+
+
+def paired_vs_conditions(recs: dict) -> dict:
+    """{condition: bridged minus that condition's accuracy, paired over the same items} (eval.metrics
+    paired_bootstrap: diff, 95% CI, two-sided p, n)."""
+    from reasonlab.eval.metrics import paired_bootstrap
+
+    def scores(rs):
+        return {r["id"]: float(r["correct"]) for r in rs}
+
+    ours = scores(recs["bridged"])
+    return {c: paired_bootstrap(scores(rs), ours).to_dict() for c, rs in recs.items() if c != "bridged"}
 
 
 def source_alone(ctx: dict, exs, stop=None) -> list[dict]:
@@ -764,10 +778,15 @@ def main(cfg: Config, run: Run) -> dict:
         return {"final_step": step, "stopped": run.stop_reason}
     cpu = time.process_time() - cpu0
     run.log(step, {**eval_metrics(res, f"test/{task.name}"), "time/cpu_s": cpu, "time/wall_s": time.time() - wall0})
+    paired = res["bridged"]["paired"]
     training.print0(f"test (checkpoint chosen on validation, step {best.step}): {fmt(res)}; "
-                    f"process CPU {cpu / 60:.1f} min")
+                    f"process CPU {cpu / 60:.1f} min\npaired, bridged minus: " + "; ".join(
+                        f"{c} {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] p={d['p_value']:.4f}"
+                        for c, d in paired.items()))
     # `reasonlab run` writes report.md once the run folder says how the run ended
     return {"final_step": step, "best_step": best.step, "best_val_acc": best.value, "cpu_s": round(cpu, 1),
             "test": {c: res[c]["metrics"]["accuracy"] for c in res if c != "soft_stats"},
             "test_unique_output_ratio": res["bridged"]["metrics"]["unique_output_ratio"]["value"],
+            "test_copy_baseline": res["bridged"]["metrics"]["copy_baseline"]["value"],
+            "test_paired": {c: {k: d[k] for k in ("diff", "lo", "hi", "p_value", "n")} for c, d in paired.items()},
             "ranks": compute.gather(compute.rank)}

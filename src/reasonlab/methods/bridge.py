@@ -4,8 +4,15 @@ What is implemented (models in reasonlab/models/bridge.py; peers: LatentWire = s
 Interlat arXiv 2511.09149):
 - Source: any HF model, decoder or encoder, frozen, read at `source.layers` (concatenated or averaged). It reads the
   question (or the task's full prompt, `source.text: prompt`).
-- Translator: a cross-attention resampler (K learned queries) or a per-token MLP; soft tokens RMS-normalized and
-  scaled to the target's embedding RMS. Optional flow-matching DiT auxiliary (`dit.enabled`, weight `loss.dit`).
+- Translator: a cross-attention resampler (K learned queries), a per-token MLP, or LatentWire's DiT (`dit`: K soft
+  tokens by Euler steps of a rectified flow from seeded noise conditioned on the source, trained through the steps and
+  by its own flow loss `loss.flow`); soft tokens RMS-normalized and scaled to the target's embedding RMS. Optional
+  flow-matching DiT auxiliary (`dit.enabled`, weight `loss.dit`).
+- KV fusion (`translator.kind: kv_fusion` + `bridge.mode: kv_fusion`, models/bridge_fusion.py, C2C-style): no soft
+  tokens; the target reads its own text prompt and the source's per-layer states are fused into that prompt's keys and
+  values per target layer through gates (zero-initialized projection: the plain target at the start and whenever the
+  gates are 0). The source may read text the target lacks (`source.text: source_text`, half the question).
+- A frozen target's few-shot prefix shared by every row runs once per run (PrefixKV), in training and evaluation.
 - Target: frozen (LoRA optional, `target.lora.r`). Its prompt is the task's prompt with the question replaced by the
   soft tokens (soft_only: the target never sees the question text) or by soft tokens followed by the question
   (soft_plus_text). Curriculum: with `bridge.curriculum_steps` N, each training row shows the text with probability
@@ -21,7 +28,9 @@ Interlat arXiv 2511.09149):
   on the same items: bridged; controls zero_source (the soft tokens replaced by zero vectors), shuffled_source (each
   row gets the soft tokens of another row of its batch: a derangement), target_text (the target alone on the real
   text); source alone when the source can generate. Unique-output ratio, invalid count, answer entropy, and soft-token
-  statistics (encoder/pairwise_cos, encoder/cross_sample_var ...) for every eval.
+  statistics (encoder/pairwise_cos, encoder/cross_sample_var ...) for every eval; the copy baseline (how often the
+  answer occurs in the question text: high = the controls cannot fail, detector copy_task) and paired bootstrap
+  differences of bridged against every other condition (summary["paired"]).
 - Compute (reasonlab.training): train.device / train.precision; under `accelerate launch` each process takes an
   equal shard of every batch and DDP averages the translator's (and a target LoRA's) gradients. The batch-contrastive
   terms (infonce, separation) and the DiT noise are computed within each process's shard, so with them on a

@@ -30,6 +30,7 @@ CASES = {
                     "step_2", "module.model"),
     "bridge": ("configs/bridge/tiny.yaml", ["loss.infonce=0", "loss.separation=0", "loss.dit=0"], "step_2",
                "module.bridge"),
+    "bridge-fusion": ("configs/bridge/tiny-fusion.yaml", ["loss.separation=0"], "step_2", "module.bridge"),
     "trm": ("configs/trm/sudoku4-tiny.yaml", [], "step_4", "module.model"),
 }
 TOL = 1e-5

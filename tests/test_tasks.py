@@ -25,7 +25,7 @@ def _no_env_data(monkeypatch):
 # registry
 def test_registry_names():
     want = {"gsm8k", "svamp", "aqua", "mathqa", "mmlu", "arc-easy", "arc-challenge", "wiki", "arithmetic", "countdown",
-            "sudoku", "arc-agi-1", "arc-agi-2", "grid-rules", "counting", "word-recall", "subset-sum"}
+            "sudoku", "arc-agi-1", "arc-agi-2", "grid-rules", "counting", "word-recall", "subset-sum", "number-words"}
     assert set(list_tasks()) == want
     assert TASKS["arc-agi-2"] == "reasonlab.tasks.arc_agi:ArcAgiTask"
 

@@ -185,6 +185,31 @@ def test_the_summed_objective_is_the_default_and_its_gradient_matches_finite_dif
     assert ((up - down) / (2 * eps)).item() == pytest.approx(analytic.item(), rel=1e-3)
 
 
+def test_kl_coef_zero_runs_no_reference_forward_and_leaves_the_other_terms_unchanged(monkeypatch):
+    """At rl.kl_coef 0 the reference forward and the KL are skipped (they only fed a term of weight 0); pg and the
+    actor term are the values computed with the KL on, on the same rollout."""
+    got = {}
+    ctx = tiny_ctx("rl.kl_coef=0.1", dtype=torch.float32)
+    ro = one_rollout(ctx)
+    for coef in ("0.1", "0"):
+        ctx.cfg.rl.kl_coef = float(coef)
+        calls = []
+        real = MK.reference
+        monkeypatch.setattr(MK, "reference", lambda m: calls.append(1) or real(m))
+        rows = list(range(len(ro.exs)))
+        f = MK.forward_terms(ctx, ro, rows, actor_grad=True, with_ref=ctx.cfg.rl.kl_coef != 0)
+        monkeypatch.setattr(MK, "reference", real)
+        rew = f["R"].detach() - ro.ref_logp
+        mean, denom = group_stats(rew, ctx.cfg.rl.group_size, min_std=ctx.cfg.rl.min_std)
+        terms, _ = MK.loss_terms(ctx, f, ro.ref_logp, mean, denom, (rew - mean) / denom)
+        got[coef] = (terms, MK.weighted(ctx, terms), len(calls))
+    (on, w_on, calls_on), (off, w_off, calls_off) = got["0.1"], got["0"]
+    assert calls_on > 0 and calls_off == 0
+    assert "kl" in w_on and "kl" not in w_off and "ref_lp" not in off
+    for k in ("pg", "actor_reward"):
+        torch.testing.assert_close(off[k], on[k])
+
+
 def test_no_reward_grad_makes_the_actor_term_gradient_exactly_zero_and_the_audit_says_so():
     for grad_on in (True, False):
         ctx = tiny_ctx(f"rl.actor_reward_grad={str(grad_on).lower()}", dtype=torch.float32)

@@ -363,19 +363,23 @@ def loss_terms(ctx: Ctx, f: dict, ref_logp: torch.Tensor, mean: torch.Tensor, de
         stats["ei/selected_frac"] = keep.mean()
     else:
         pg = pg_loss(f["lp"], adv, f["mask"], rl.agg)
-    if rl.kl_estimator == "exact":
-        kl_tok = kl_exact(f["logits"], f["ref_logits"])  # (b, K)
-    else:
-        kl_tok = kl_k3(f["lp"], f["ref_lp"])  # (b, K)
-    kl = masked_mean(kl_tok, f["mask"], rl.agg)
+    terms = {"pg": pg, "actor_reward": M.actor_reward_loss(a_actor)}
+    if rl.kl_coef != 0:  # at kl_coef 0 there is no reference forward (forward_terms skips it) and no KL term
+        if rl.kl_estimator == "exact":
+            kl_tok = kl_exact(f["logits"], f["ref_logits"])  # (b, K)
+        else:
+            kl_tok = kl_k3(f["lp"], f["ref_lp"])  # (b, K)
+        terms["kl"] = masked_mean(kl_tok, f["mask"], rl.agg)
     with torch.no_grad():
         stats["rollout/entropy"] = masked_mean(entropy_from_logits(f["logits"]), f["mask"], "token_mean")
-    return {"pg": pg, "actor_reward": M.actor_reward_loss(a_actor), "kl": kl}, stats
+    return terms, stats
 
 
 def weighted(ctx: Ctx, terms: dict) -> dict[str, tuple[float, torch.Tensor]]:
-    return {"pg": (1.0, terms["pg"]), "actor_reward": (ctx.cfg.rl.actor_reward_weight, terms["actor_reward"]),
-            "kl": (ctx.cfg.rl.kl_coef, terms["kl"])}
+    w = {"pg": (1.0, terms["pg"]), "actor_reward": (ctx.cfg.rl.actor_reward_weight, terms["actor_reward"])}
+    if "kl" in terms:
+        w["kl"] = (ctx.cfg.rl.kl_coef, terms["kl"])
+    return w
 
 
 @torch.no_grad()
@@ -505,13 +509,14 @@ def main(cfg: Config, run: Run) -> dict:
         # Pre-pass (no grad) when the advantage is needed before the update: ppo (pi_old, fixed A) and G = 1 (global
         # statistics). pg/ei with groups compute A inside the one pass; the value is the same.
         prepass = rl.loss == "ppo" or G == 1
+        need_ref = rl.kl_coef != 0  # the reference's CoT log-probs only feed the KL term
         cache: dict[int, dict] = {}
         R_all = torch.zeros(B, device=compute.device)
         if prepass:
             with torch.no_grad(), compute.autocast():
                 for i, rows in enumerate(mbs):
-                    f = forward_terms(ctx, ro, rows, actor_grad=False)
-                    cache[i] = {"old_lp": f["lp"], "ref_logits": f["ref_logits"], "ref_lp": f["ref_lp"]}
+                    f = forward_terms(ctx, ro, rows, actor_grad=False, with_ref=need_ref)
+                    cache[i] = {"old_lp": f["lp"], **{k: f[k] for k in ("ref_logits", "ref_lp") if k in f}}
                     R_all[rows] = f["R"]
             rew = R_all - ro.ref_logp  # (B,)
             if G == 1:  # standardize over the global batch
@@ -534,9 +539,9 @@ def main(cfg: Config, run: Run) -> dict:
             # pg/ei accumulate their minibatches locally and synchronize the gradient once, on the last one
             with contextlib.nullcontext() if steps_now else compute.no_sync(policy):
                 with compute.autocast():
-                    f = forward_terms(ctx, ro, rows, actor_grad=actor_grad, with_ref=not prepass)
+                    f = forward_terms(ctx, ro, rows, actor_grad=actor_grad, with_ref=need_ref and not prepass)
                     if prepass:
-                        f.update(ref_logits=cache[i]["ref_logits"], ref_lp=cache[i]["ref_lp"])
+                        f.update({k: v for k, v in cache[i].items() if k != "old_lp"})
                         mb_mean, mb_denom, mb_adv = mean[rows], denom[rows], adv[rows]
                     else:
                         rew_mb = f["R"].detach() - ro.ref_logp[rows]
@@ -590,8 +595,9 @@ def main(cfg: Config, run: Run) -> dict:
         training.print0(f"dry run{note}: one rollout of {n_q} question(s) x {G} CoTs (configured: "
                         f"{cfg.train.batch_size // rl.group_size} x {rl.group_size}) -> loss {m['train/loss']:.4f} "
                         f"(pg {m['train/pg_loss']:.4f}, actor_reward {m['train/actor_reward_loss']:.4f}, kl "
-                        f"{m['train/kl_loss']:.4f}); grad/term pg {m['grad/term/pg']:.3g}, actor_reward "
-                        f"{m['grad/term/actor_reward']:.3g}, kl {m['grad/term/kl']:.3g}; {time.time() - t0:.1f}s; "
+                        f"{m.get('train/kl_loss', 0.0):.4f}); grad/term pg {m['grad/term/pg']:.3g}, actor_reward "
+                        f"{m['grad/term/actor_reward']:.3g}, kl {m.get('grad/term/kl', 0.0):.3g}; "
+                        f"{time.time() - t0:.1f}s; "
                         f"nothing trained")
         return {"dry_run": True, "trainable_params": trainable, "total_params": total, **m, **compute.describe(),
                 "backend": sampler.name}

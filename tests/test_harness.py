@@ -319,3 +319,22 @@ def test_non_tty_eval_log_puts_the_table_on_its_own_line(tmp_path):
     assert "generate" in text  # the bar was drawn into the log
     head = next(line for line in text.split("\n") if "arithmetic [test] model=tiny-random" in line)
     assert head.startswith("arithmetic [test]"), repr(head)
+
+
+@pytest.mark.parametrize("polled", [False, True])
+def test_a_chat_prompt_is_templated_once_and_decoded_as_recorded(tiny, monkeypatch, polled):
+    """The recorded prompt is what the model reads: the chat template is applied once (it was applied twice, a
+    system turn and a user turn nested inside the user turn), with and without the stop flag's batch polling."""
+    from reasonlab.eval import generate as G
+
+    model, tok = tiny
+    monkeypatch.setattr(tok, "chat_template", "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                                              "{% if add_generation_prompt %}<assistant>{% endif %}", raising=False)
+    read = []
+    real = G._decode_stream
+    monkeypatch.setattr(G, "_decode_stream", lambda m, t, prompts, *a, **k: read.extend(prompts) or
+                        real(m, t, prompts, *a, **k))
+    records, _ = H.evaluate(model, tok, "arithmetic", split="test", limit=2, max_new_tokens=3, chat=True,
+                            progress=False, task_kwargs=ARITH, stop=(lambda: False) if polled else None)
+    assert records[0]["prompt"].startswith("<user>") and records[0]["prompt"].count("<user>") == 1
+    assert sorted(tok.decode(x) for x in read) == sorted(r["prompt"] for r in records)

@@ -210,19 +210,18 @@ def _run_generate(model, tok, task: Task, exs: list[Example], s: EvalSettings, s
                   offset: int = 0, stop=None) -> tuple[list[dict], int]:
     from reasonlab.eval.generate import OwnSampler, encode, prompt_seeds
 
-    prompts = [format_prompt(tok, task.prompt(e, s.style), s.chat) for e in exs]
+    prompts = [format_prompt(tok, task.prompt(e, s.style), s.chat) for e in exs]  # chat template applied ONCE here
+    ids = encode(tok, prompts, s.chat)  # what every backend decodes: the recorded prompt's tokens
     gc = s.gen_config()
     seeds = prompt_seeds(gc.seed, len(exs), offset)  # per example: the same samples however the split is sharded
     if stop is not None:  # batch by batch, polling the stop flag (the same samples: training.generate_checked)
         from reasonlab.training import generate_checked
 
-        ids = encode(tok, prompts if sampler is not None else [format_prompt(tok, p, s.chat) for p in prompts],
-                     s.chat)  # the token ids each branch below decodes
         out = generate_checked(sampler or OwnSampler(model, tok), ids, gc, seeds=seeds, stop=stop)
     elif sampler is None:
-        out = generate(model, tok, prompts, gc, chat=s.chat, seeds=seeds)
+        out = generate(model, tok, ids, gc, seeds=seeds)
     else:
-        out = sampler.generate(encode(tok, prompts, s.chat), gc, seeds=seeds)
+        out = sampler.generate(ids, gc, seeds=seeds)
     records, n_tokens = [], 0
     for e, prompt, group in zip(exs, prompts, out):
         for j, smp in enumerate(group):

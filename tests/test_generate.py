@@ -176,3 +176,31 @@ def test_the_recipe_cli_refuses_vllm_on_cpu_before_loading_anything(tmp_path):
     err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert p.returncode == 2 and len(err) == 1 and "vllm" in err[0], p.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_continuous_batching_refills_rows_and_gives_each_prompt_its_own_samples(tiny, monkeypatch):
+    """With fewer rows than samples, finished rows are refilled by the next prompts (spliced into the running cache,
+    left-padded either way); every prompt's samples equal those of the prompt decoded alone, greedy and seeded, with
+    EOS masked for min_new_tokens and stop strings per row."""
+    model, tok = tiny
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 200, (int(n),), generator=g).tolist() for n in (3, 17, 6, 11, 2, 9, 14)]
+    spliced = []
+    real = G._splice
+    monkeypatch.setattr(G, "_splice", lambda *a: spliced.append(a[1].shape) or real(*a))
+    for kw in (dict(n=1, temperature=0.0, batch_size=2), dict(n=2, temperature=1.0, batch_size=4),
+               dict(n=3, temperature=1.0, top_p=0.8, batch_size=3, min_new_tokens=4),
+               dict(n=1, temperature=1.0, batch_size=4, stop=(" ",))):
+        cfg = G.GenConfig(max_new_tokens=9, seed=3, progress=False, **kw)
+        seeds = G.prompt_seeds(3, len(prompts))
+        together = G.generate(model, tok, prompts, cfg, seeds=seeds)
+        alone = [G.generate(model, tok, [p], cfg, seeds=[s])[0] for p, s in zip(prompts, seeds)]
+        assert [[(x.token_ids, x.finish, x.text) for x in grp] for grp in together] == \
+               [[(x.token_ids, x.finish, x.text) for x in grp] for grp in alone], kw
+        lengths = {len(x.token_ids) for grp in together for x in grp}
+        assert min(lengths) >= kw.get("min_new_tokens", 0)
+    assert spliced  # rows were refilled mid-batch, not only run in static batches
+    # a model whose cache cannot be spliced falls back to static batches with the same samples
+    monkeypatch.setattr(G, "streams", lambda m: False)
+    static = G.generate(model, tok, prompts, cfg, seeds=seeds)
+    assert [[x.token_ids for x in grp] for grp in static] == [[x.token_ids for x in grp] for grp in together]

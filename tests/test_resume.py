@@ -387,6 +387,7 @@ def test_generation_polled_batch_by_batch_gives_the_samples_of_one_call(grouped)
         polled = generate_checked(sampler, prompts, gc, stop=lambda: False)
         assert [[s.token_ids for s in grp] for grp in one] == [[s.token_ids for s in grp] for grp in polled]
     calls = []
-    with pytest.raises(EvalInterrupted):
+    gc = GenConfig(n=1, temperature=0.0, max_new_tokens=5, batch_size=1, grouped=grouped, progress=False)
+    with pytest.raises(EvalInterrupted):  # 11 prompts: several calls of one (or STREAM_BATCHES) prompts each
         generate_checked(sampler, prompts, gc, stop=lambda: calls.append(1) or len(calls) > 2)
-    assert len(calls) == 3  # two batches ran, the third was not started
+    assert len(calls) == 3  # two calls ran, the third was not started

@@ -63,10 +63,11 @@ def check_stop(stop: Callable[[], bool] | None) -> None:
 
 def generate_checked(sampler, prompts: list[list[int]], gc, seeds: list[int] | None = None,
                      stop: Callable[[], bool] | None = None) -> list:
-    """sampler.generate(prompts, gc, seeds) with `stop` polled before each batch. The own loop sorts the prompts by
-    length and decodes them in batches of gc.batch_size rows; the calls here are exactly those batches (each one
-    already sorted, which the loop's stable sort keeps), so the samples are those of one call (tests/test_resume.py
-    checks it). The hf backend decodes prompt by prompt anyway; vLLM schedules its own batches, so it gets larger
+    """sampler.generate(prompts, gc, seeds) with `stop` polled between calls. The own loop sorts the prompts by
+    length; grouped, it streams them through gc.batch_size rows (continuous batching), so each call here takes
+    STREAM_BATCHES batches' worth of the sorted prompts; ungrouped, the calls are exactly its static batches. A
+    prompt's samples come from its own generator whatever shares its rows, so they are those of one call
+    (tests/test_resume.py checks it). The hf backend decodes prompt by prompt anyway; vLLM schedules its own batches, so it gets larger
     calls (its numbers do not depend on the call size only up to its batch invariance)."""
     from reasonlab.eval.generate import prompt_seeds
 
@@ -76,8 +77,8 @@ def generate_checked(sampler, prompts: list[list[int]], gc, seeds: list[int] | N
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     if getattr(sampler, "name", "own") == "vllm":
         per = VLLM_CHUNK
-    elif gc.grouped:
-        per = max(1, gc.batch_size // gc.n)  # the own loop's prompts per batch (a prompt's group never split)
+    elif gc.grouped:  # the own loop streams prompts through batch_size rows: a call spans several batches' worth
+        per = max(1, STREAM_BATCHES * gc.batch_size // gc.n)
     else:  # rows of one prompt are adjacent: whole batches of rows end on a prompt boundary every lcm(n, batch) rows
         per = gc.batch_size // math.gcd(gc.n, gc.batch_size)
     out: list = [None] * len(prompts)
@@ -90,6 +91,7 @@ def generate_checked(sampler, prompts: list[list[int]], gc, seeds: list[int] | N
 
 
 VLLM_CHUNK = 256  # prompts per vLLM call between two polls of the stop flag
+STREAM_BATCHES = 4  # the own loop's batches of prompts per call between two polls (refills happen inside a call)
 
 
 # ----------------------------------------------------------------------------------------------------------- device

@@ -258,6 +258,145 @@ def _decode_chunk(model, tok, prompts: list[list[int]] | None, expand: int, cfg:
     return samples
 
 
+def _pad_cache_left(cache, k: int) -> None:
+    """Prepend k empty (zero, to be masked) positions to every layer of a DynamicCache: (b, H, L, D) -> (b, H, k+L, D)."""
+    if k > 0:
+        for layer in cache.layers:
+            layer.keys = F.pad(layer.keys, (0, 0, k, 0))
+            layer.values = F.pad(layer.values, (0, 0, k, 0))
+
+
+def _splice(cache, mask: torch.Tensor, new, new_mask: torch.Tensor) -> torch.Tensor:
+    """Append the rows of the left-padded batch (`new`, new_mask (b2, L2)) to (`cache`, mask (b1, L1)), both aligned on
+    their last position: the shorter one is left-padded with masked positions. The cache is changed in place; returns
+    the joint mask (b1 + b2, max(L1, L2))."""
+    L1, L2 = mask.shape[1], new_mask.shape[1]
+    _pad_cache_left(cache, L2 - L1)
+    _pad_cache_left(new, L1 - L2)
+    for a, b in zip(cache.layers, new.layers):
+        a.keys, a.values = torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values])
+    return torch.cat([F.pad(mask, (max(0, L2 - L1), 0)), F.pad(new_mask, (max(0, L1 - L2), 0))])  # (b1 + b2, L)
+
+
+def _trim_left(cache, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the leading positions no live row attends to (they were padding for rows that have left the batch)."""
+    k = int((mask.sum(0) > 0).int().argmax())  # first position some row uses
+    if k > 0:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, k:], layer.values[:, :, k:]
+        mask = mask[:, k:]
+    return mask
+
+
+def streams(model) -> bool:
+    """Whether the continuous-batching loop can splice this model's cache (plain per-layer key/value tensors)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in new_cache(model).layers)
+
+
+@torch.no_grad()
+def _decode_stream(model, tok, prompts: list[list[int]], n: int, cfg: GenConfig,
+                   gens: list[torch.Generator | None], stop_ids: set[int], bar=None) -> list[list[Sample]]:
+    """Continuous batching: up to max(cfg.batch_size, n) rows decode together; when a quarter of the rows (at least
+    one prompt's group) have finished, the next prompts in the list are prefilled (each prefilled once, its cache
+    shared by its n rows) and spliced into the running batch, so the batch stays full instead of draining to the
+    longest row and no prompt is padded to a longer prompt of a later batch. Row r of prompt i draws from gens[i], in
+    the order of its own steps, so a prompt's samples do not depend on which rows run beside it. Returns
+    samples[i][j]."""
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stop_ids), 0)
+    eos = sorted(stop_ids)
+    rows_max = max(cfg.batch_size, n)
+    refill = max(n, rows_max // 4)  # free rows that trigger a prefill: fewer, larger splices
+    queue = list(range(len(prompts)))
+    generated = [[[] for _ in range(n)] for _ in prompts]
+    finish = [["length"] * n for _ in prompts]
+    left = [n] * len(prompts)  # rows of each prompt still decoding
+    owner: list[int] = []  # prompt of each live row (a prompt's rows are adjacent)
+    sub: list[int] = []  # sample index of each live row
+    cache = mask = next_pos = logits = None
+
+    while queue or owner:
+        if queue and (rows_max - len(owner) >= refill or not owner):
+            take = []
+            while queue and len(owner) + n * (len(take) + 1) <= rows_max:
+                take.append(queue.pop(0))
+            c = new_cache(model)
+            ids, m = _left_pad([prompts[i] for i in take], pad, device)  # (p, T)
+            pos = (m.cumsum(-1) - 1).clamp(min=0)
+            lg = lm_forward(model, cache=c, input_ids=ids, attention_mask=m, position_ids=pos,
+                            logits_to_keep=1).logits[:, -1, :]  # (p, V)
+            if n > 1:  # the prompt's keys/values shared across its group instead of recomputed
+                c.batch_repeat_interleave(n)
+                m, pos, lg = m.repeat_interleave(n, 0), pos.repeat_interleave(n, 0), lg.repeat_interleave(n, 0)
+            if owner:
+                mask = _splice(cache, mask, c, m)
+                next_pos, logits = torch.cat([next_pos, pos[:, -1:] + 1]), torch.cat([logits, lg])
+            else:
+                cache, mask, next_pos, logits = c, m, pos[:, -1:] + 1, lg
+            owner += [i for i in take for _ in range(n)]
+            sub += [j for _ in take for j in range(n)]
+        counts = [len(generated[i][j]) for i, j in zip(owner, sub)]
+        if eos and cfg.min_new_tokens:
+            early = torch.tensor([c < cfg.min_new_tokens for c in counts], device=device)  # (b,)
+            if bool(early.any()):
+                logits[early.nonzero().squeeze(-1)[:, None], torch.tensor(eos, device=device)] = float("-inf")
+        if cfg.temperature == 0:
+            nxt = logits.argmax(-1)  # (b,)
+        else:
+            probs = next_token_probs(logits, cfg.temperature, cfg.top_p)  # (b, V)
+            nxt = torch.empty(len(owner), dtype=torch.long, device=device)
+            j = 0
+            while j < len(owner):
+                k = j
+                while k < len(owner) and owner[k] == owner[j]:
+                    k += 1
+                nxt[j:k] = torch.multinomial(probs[j:k], 1, generator=gens[owner[j]]).squeeze(-1)
+                j = k
+        done = []
+        for r, (i, j, t) in enumerate(zip(owner, sub, nxt.tolist())):
+            g = generated[i][j]
+            if t in stop_ids:
+                finish[i][j] = "eos"
+            else:
+                g.append(t)
+                if cfg.stop and any(s in tok.decode(g[-64:], skip_special_tokens=True) for s in cfg.stop):
+                    finish[i][j] = "stop"
+            if finish[i][j] != "length" or len(g) >= cfg.max_new_tokens:
+                done.append(r)
+                left[i] -= 1
+                if bar is not None and left[i] == 0:
+                    bar.update(n)
+        if done:
+            gone = set(done)
+            keep = [r for r in range(len(owner)) if r not in gone]
+            owner, sub = [owner[r] for r in keep], [sub[r] for r in keep]
+            if not keep:
+                cache = mask = next_pos = logits = None
+                continue
+            kt = torch.tensor(keep, device=device)
+            cache.batch_select_indices(kt)
+            mask, next_pos, nxt = _trim_left(cache, mask[kt]), next_pos[kt], nxt[kt]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (b, L + 1)
+        logits = lm_forward(model, cache=cache, input_ids=nxt[:, None], attention_mask=mask,
+                            position_ids=next_pos).logits[:, -1, :]  # (b, V)
+        next_pos = next_pos + 1
+
+    out = []
+    for i in range(len(prompts)):
+        group = []
+        for j in range(n):
+            text, fin = tok.decode(generated[i][j], skip_special_tokens=True), finish[i][j]
+            if cfg.stop:
+                cut = min((x for x in (text.find(s) for s in cfg.stop) if x >= 0), default=-1)
+                if cut >= 0:
+                    text, fin = text[:cut], "stop"
+            group.append(Sample(text, generated[i][j], fin))
+        out.append(group)
+    return out
+
+
 def _generators(seeds: list[int], device, greedy: bool) -> list[torch.Generator | None]:
     if greedy:
         return [None] * len(seeds)
@@ -286,7 +425,12 @@ def generate(model, tok, prompts: list[str] | list[list[int]], cfg: GenConfig | 
     bar = tqdm(total=len(ids) * cfg.n, disable=not cfg.progress, desc="generate", unit="sample", leave=False)
     greedy = cfg.temperature == 0
     try:
-        if cfg.grouped:
+        if cfg.grouped and streams(model):
+            out = _decode_stream(model, tok, [ids[i] for i in order], cfg.n, cfg,
+                                 _generators([seeds[i] for i in order], device, greedy), stop_ids, bar)
+            for i, group in zip(order, out):
+                results[i] = group
+        elif cfg.grouped:  # a cache the stream cannot splice: static batches of whole groups
             per = max(1, cfg.batch_size // cfg.n)  # prompts per chunk; one prompt's group is never split
             for c in range(0, len(order), per):
                 chunk = order[c:c + per]

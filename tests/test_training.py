@@ -142,3 +142,18 @@ def test_sync_sparse_grads_is_a_no_op_in_one_process_and_refuses_dense():
     dense.grad = torch.ones(2)
     with pytest.raises(ValueError, match="sparse"):
         training.sync_sparse_grads([dense], SimpleNamespace(world_size=2))
+
+
+def test_auto_threads_takes_the_free_cores_shared_among_this_machines_processes(monkeypatch):
+    import os
+
+    from reasonlab.training import auto_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for load, want in ((0.0, 4), (1.2, 3), (2.6, 1), (9.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert auto_threads() == want, load
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert auto_threads() == 2  # two processes on four idle cores: two threads each, not four

@@ -79,6 +79,10 @@ def run(
     except UserError as e:
         _fail(str(e).splitlines()[0])
     training.init_processes(cfg.train)  # before anything collective (rank 0 names the run folder for everyone)
+    if getattr(cfg.train, "threads", 1) == 0:  # not set: the cores other jobs leave free (oversubscribing stalls)
+        import torch
+
+        torch.set_num_threads(training.auto_threads())
     created = out_created = False
     if dry_run:
         run_dir = Path(tempfile.mkdtemp(prefix="reasonlab-dry-run-"))

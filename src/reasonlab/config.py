@@ -62,7 +62,7 @@ class TrainConfig:
     gpus: int = F(0, "GPUs this config is sized for (0: a CPU config); on a machine without them the run warns at "
                   "start and in its report")
     gpu_memory_gb: int = F(0, "memory per GPU this config is sized for (0: any)")
-    threads: int = F(0, "torch CPU threads per process (0: torch's default)")
+    threads: int = F(0, "torch CPU threads per process (0: reasonlab run picks the free cores / processes)")
     log_every: int = F(1, "write train/* metrics every N steps")
     checkpoint_every: int = F(0, "save a checkpoint every N steps (0: only at the end and on stop)")
     keep_checkpoints: int = F(2, "how many step_N checkpoints to keep (newest); 'best' is kept separately")

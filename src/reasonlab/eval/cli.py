@@ -64,7 +64,8 @@ def eval_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16; default: a run's or "
                                         "export's own dtype, else float32"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:1; default cuda when available"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: Optional[int] = typer.Option(None, "--threads",
+                                          help="torch CPU threads (default: the cores other jobs leave free)"),
     backend: str = typer.Option("auto", "--backend", help="generation backend: auto (vllm on CUDA when installed, "
                                 "else own) | own | hf | vllm"),
 ) -> None:
@@ -103,8 +104,9 @@ def eval_cmd(
     for flag, v in (("--samples", samples), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
         if v < 1:
             _fail(f"{flag} must be >= 1, got {v}")
-    if threads:
-        torch.set_num_threads(threads)
+    from reasonlab.training import auto_threads
+
+    torch.set_num_threads(threads or auto_threads())  # default: the free cores (oversubscribed threads stall)
     if temperature is None:
         temperature = 0.0 if samples == 1 else 0.7
         if samples > 1:

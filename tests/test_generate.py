@@ -204,3 +204,22 @@ def test_continuous_batching_refills_rows_and_gives_each_prompt_its_own_samples(
     monkeypatch.setattr(G, "streams", lambda m: False)
     static = G.generate(model, tok, prompts, cfg, seeds=seeds)
     assert [[x.token_ids for x in grp] for grp in static] == [[x.token_ids for x in grp] for grp in together]
+
+
+def test_a_prefix_shared_by_every_prompt_is_prefilled_once_and_changes_no_sample(tiny, monkeypatch):
+    """A few-shot block every prompt starts with is prefilled once (its keys/values copied into each prefill run);
+    the samples equal those of each prompt decoded alone (where there is no shared prefix)."""
+    model, tok = tiny
+    g = torch.Generator().manual_seed(2)
+    head = torch.randint(5, 200, (24,), generator=g).tolist()
+    prompts = [head + torch.randint(5, 200, (int(n),), generator=g).tolist() for n in (1, 7, 3, 12, 5)]
+    shared = []
+    real = G._shared_prefix
+    monkeypatch.setattr(G, "_shared_prefix", lambda *a: shared.append(real(*a)[1]) or real(*a))
+    for kw in (dict(n=1, temperature=0.0, batch_size=2), dict(n=2, temperature=1.0, batch_size=4)):
+        cfg = G.GenConfig(max_new_tokens=8, seed=5, progress=False, **kw)
+        seeds = G.prompt_seeds(5, len(prompts))
+        together = G.generate(model, tok, prompts, cfg, seeds=seeds)
+        alone = [G.generate(model, tok, [p], cfg, seeds=[s])[0] for p, s in zip(prompts, seeds)]
+        assert [[x.token_ids for x in grp] for grp in together] == [[x.token_ids for x in grp] for grp in alone]
+    assert 24 in shared and shared.count(0) == len(shared) - shared.count(24)  # the calls of one prompt share none

@@ -295,6 +295,71 @@ def streams(model) -> bool:
     return all(type(layer) is DynamicLayer for layer in new_cache(model).layers)
 
 
+PAD_WASTE = 0.1  # a prefill batch is cut where padding would exceed this share of its tokens
+
+
+MIN_SHARED_PREFIX = 16  # tokens: a shorter common prefix of a call's prompts is not worth a separate prefill
+
+
+def _shared_prefix(model, prompts: list[list[int]], device) -> tuple[list, int]:
+    """The token prefix every prompt of the call starts with (a few-shot block, a chat template's system turn),
+    prefilled ONCE: ([(keys, values) (1, H, P, D) per layer], P), or ([], 0) when it is shorter than
+    MIN_SHARED_PREFIX. Every prompt keeps at least one token of its own (its logits come from its own forward)."""
+    if len(prompts) < 2:
+        return [], 0
+    P = min(len(x) for x in prompts) - 1
+    first = prompts[0]
+    for x in prompts[1:]:
+        k = 0
+        while k < P and x[k] == first[k]:
+            k += 1
+        P = k
+    if P < MIN_SHARED_PREFIX:
+        return [], 0
+    c = new_cache(model)
+    lm_forward(model, cache=c, input_ids=torch.tensor([first[:P]], device=device), logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in c.layers], P
+
+
+def _prefill(model, prompts: list[list[int]], n: int, pad: int, device, prefix: tuple[list, int] = ([], 0)):
+    """Prefill length-sorted prompts in runs of near-equal length (padded prompt tokens cost as much compute as real
+    ones; the waste of one run stays under PAD_WASTE), join the runs' caches left-aligned into one batch, and repeat
+    each prompt's row n times (its group shares the prompt's keys/values). `prefix` = _shared_prefix(...): those
+    first P tokens of every prompt are not recomputed; each run starts from their keys/values (the run's left padding
+    then sits between the prefix and the rest, masked, with positions continuing after the prefix). Returns (cache,
+    mask (p*n, L), positions of the last prompt token (p*n, 1), next-token logits (p*n, V))."""
+    kv, P = prefix
+    prompts = [x[P:] for x in prompts]
+    runs, start = [], 0
+    for k in range(1, len(prompts) + 1):
+        if k == len(prompts) or (len(prompts[k]) - len(prompts[start])) * (k - start + 1) > \
+                PAD_WASTE * sum(len(x) for x in prompts[start:k + 1]):
+            runs.append(prompts[start:k])
+            start = k
+    cache = mask = last = logits = None
+    for run in runs:
+        c = new_cache(model)
+        ids, m = _left_pad(run, pad, device)  # (r, T)
+        pos = (m.cumsum(-1) - 1).clamp(min=0)
+        if P:  # the shared prefix's keys/values for every row of the run: (1, H, P, D) -> (r, H, P, D)
+            for layer, (k, v) in zip(c.layers, kv):
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k.expand(len(run), -1, -1, -1), v.expand(len(run), -1, -1, -1)
+            pos = pos + P
+            m = torch.cat([torch.ones(len(run), P, dtype=m.dtype, device=device), m], dim=1)  # (r, P + T)
+        lg = lm_forward(model, cache=c, input_ids=ids, attention_mask=m, position_ids=pos,
+                        logits_to_keep=1).logits[:, -1, :]  # (r, V)
+        if cache is None:
+            cache, mask, last, logits = c, m, pos[:, -1:], lg
+        else:
+            mask = _splice(cache, mask, c, m)
+            last, logits = torch.cat([last, pos[:, -1:]]), torch.cat([logits, lg])
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        mask, last, logits = mask.repeat_interleave(n, 0), last.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
+    return cache, mask, last, logits
+
+
 @torch.no_grad()
 def _decode_stream(model, tok, prompts: list[list[int]], n: int, cfg: GenConfig,
                    gens: list[torch.Generator | None], stop_ids: set[int], bar=None) -> list[list[Sample]]:
@@ -316,25 +381,19 @@ def _decode_stream(model, tok, prompts: list[list[int]], n: int, cfg: GenConfig,
     owner: list[int] = []  # prompt of each live row (a prompt's rows are adjacent)
     sub: list[int] = []  # sample index of each live row
     cache = mask = next_pos = logits = None
+    prefix = _shared_prefix(model, prompts, device)
 
     while queue or owner:
         if queue and (rows_max - len(owner) >= refill or not owner):
             take = []
             while queue and len(owner) + n * (len(take) + 1) <= rows_max:
                 take.append(queue.pop(0))
-            c = new_cache(model)
-            ids, m = _left_pad([prompts[i] for i in take], pad, device)  # (p, T)
-            pos = (m.cumsum(-1) - 1).clamp(min=0)
-            lg = lm_forward(model, cache=c, input_ids=ids, attention_mask=m, position_ids=pos,
-                            logits_to_keep=1).logits[:, -1, :]  # (p, V)
-            if n > 1:  # the prompt's keys/values shared across its group instead of recomputed
-                c.batch_repeat_interleave(n)
-                m, pos, lg = m.repeat_interleave(n, 0), pos.repeat_interleave(n, 0), lg.repeat_interleave(n, 0)
+            c, m, last, lg = _prefill(model, [prompts[i] for i in take], n, pad, device, prefix)
             if owner:
                 mask = _splice(cache, mask, c, m)
-                next_pos, logits = torch.cat([next_pos, pos[:, -1:] + 1]), torch.cat([logits, lg])
+                next_pos, logits = torch.cat([next_pos, last + 1]), torch.cat([logits, lg])
             else:
-                cache, mask, next_pos, logits = c, m, pos[:, -1:] + 1, lg
+                cache, mask, next_pos, logits = c, m, last + 1, lg
             owner += [i for i in take for _ in range(n)]
             sub += [j for _ in take for j in range(n)]
         counts = [len(generated[i][j]) for i, j in zip(owner, sub)]

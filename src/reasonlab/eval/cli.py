@@ -55,7 +55,8 @@ def eval_cmd(
     style: str = typer.Option("default", "--style", help="prompt style: default | markovian | cot"),
     mode: str = typer.Option("auto", "--mode", help="auto (MCQ tasks -> log-likelihood) | generate | loglik"),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="stop string (repeatable); default 'Question:'"),
-    batch_size: int = typer.Option(16, "--batch-size", help="rows decoded together (questions x samples)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="rows decoded together (questions x samples); finished "
+                                   "rows are refilled from the next questions"),
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
     semantic: bool = typer.Option(False, "--semantic", help="also compute MiniLM semantic diversity"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local dataset root (e.g. ../shared/data)"),

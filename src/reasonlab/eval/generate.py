@@ -10,8 +10,11 @@
 Backends:
 - own (CPU default): our batched decode loop over transformers' DynamicCache. When n samples share one prompt the
   prompt is prefilled ONCE and its cache expanded across the group (batch_repeat_interleave) instead of prefilling n
-  copies; finished rows are dropped from the batch and the cache (batch_select_indices); every sample says whether it
-  stopped (EOS or a stop string) or was truncated at max_new_tokens. It also decodes from input embeddings (the bridge).
+  copies; finished rows are dropped from the batch and the cache (batch_select_indices) and, grouped, refilled from
+  the next prompts (continuous batching: new prompts are prefilled and spliced into the running cache, so a batch
+  never drains to its longest row); prompts are prefilled in runs of near-equal length (little padding) after a
+  prefix every prompt of the call shares, which is prefilled once; every sample says whether it stopped (EOS or a
+  stop string) or was truncated at max_new_tokens. It also decodes from input embeddings (the bridge).
 - hf: `model.generate`, one call per prompt group (reference and parity checks).
 - vllm (`pip install "reasonlab[vllm]"`, CUDA): reasonlab.eval.vllm_backend, the policy's current weights handed to the
   engine after each update (LoRA merged), as TRL's colocate mode does.

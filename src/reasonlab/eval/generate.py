@@ -181,6 +181,23 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     return torch.multinomial(next_token_probs(logits, temperature, top_p), 1, generator=gen).squeeze(-1)  # (B,)
 
 
+def _draw(logits: torch.Tensor, cfg: GenConfig, owner: list[int], gens: list[torch.Generator | None]) -> torch.Tensor:
+    """Next tokens (b,) from logits (b, V): argmax when greedy; else the rows of each prompt (adjacent, owner[r] =
+    the prompt of row r) drawn together from that prompt's generator, so its draws do not depend on the other rows."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = next_token_probs(logits, cfg.temperature, cfg.top_p)  # (b, V)
+    nxt = torch.empty(len(owner), dtype=torch.long, device=logits.device)
+    j = 0
+    while j < len(owner):
+        k = j
+        while k < len(owner) and owner[k] == owner[j]:
+            k += 1
+        nxt[j:k] = torch.multinomial(probs[j:k], 1, generator=gens[owner[j]]).squeeze(-1)
+        j = k
+    return nxt
+
+
 @torch.no_grad()
 def _decode_chunk(model, tok, prompts: list[list[int]] | None, expand: int, cfg: GenConfig,
                   gens: list[torch.Generator | None], stop_ids: set[int], embeds: tuple | None = None,
@@ -218,19 +235,7 @@ def _decode_chunk(model, tok, prompts: list[list[int]] | None, expand: int, cfg:
     for step in range(cfg.max_new_tokens):
         if step < cfg.min_new_tokens and eos:
             logits[:, eos] = float("-inf")  # (b, V): no EOS before min_new_tokens
-        if cfg.temperature == 0:
-            nxt = logits.argmax(-1)  # (b,)
-        else:
-            probs = next_token_probs(logits, cfg.temperature, cfg.top_p)  # (b, V)
-            nxt = torch.empty(len(active), dtype=torch.long, device=device)
-            owner = (active // expand).tolist()  # prompt of each live row; its rows are adjacent and in order
-            j = 0
-            while j < len(owner):
-                k = j
-                while k < len(owner) and owner[k] == owner[j]:
-                    k += 1
-                nxt[j:k] = torch.multinomial(probs[j:k], 1, generator=gens[owner[j]]).squeeze(-1)
-                j = k
+        nxt = _draw(logits, cfg, (active // expand).tolist(), gens)  # (b,)
         done = torch.zeros_like(nxt, dtype=torch.bool)
         for j, (row, t) in enumerate(zip(active.tolist(), nxt.tolist())):
             if t in stop_ids:
@@ -404,18 +409,7 @@ def _decode_stream(model, tok, prompts: list[list[int]], n: int, cfg: GenConfig,
             early = torch.tensor([c < cfg.min_new_tokens for c in counts], device=device)  # (b,)
             if bool(early.any()):
                 logits[early.nonzero().squeeze(-1)[:, None], torch.tensor(eos, device=device)] = float("-inf")
-        if cfg.temperature == 0:
-            nxt = logits.argmax(-1)  # (b,)
-        else:
-            probs = next_token_probs(logits, cfg.temperature, cfg.top_p)  # (b, V)
-            nxt = torch.empty(len(owner), dtype=torch.long, device=device)
-            j = 0
-            while j < len(owner):
-                k = j
-                while k < len(owner) and owner[k] == owner[j]:
-                    k += 1
-                nxt[j:k] = torch.multinomial(probs[j:k], 1, generator=gens[owner[j]]).squeeze(-1)
-                j = k
+        nxt = _draw(logits, cfg, owner, gens)  # (b,)
         done = []
         for r, (i, j, t) in enumerate(zip(owner, sub, nxt.tolist())):
             g = generated[i][j]

@@ -120,6 +120,15 @@ class Sample:
         return self.finish == "length"
 
 
+def finished_sample(tok, ids: list[int], finish: str, stop: tuple[str, ...]) -> Sample:
+    """The Sample of generated token ids: decoded, the text cut before the first stop string (finish "stop")."""
+    text = tok.decode(ids, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    if cut >= 0:
+        text, finish = text[:cut], "stop"
+    return Sample(text, ids, finish)
+
+
 def prompt_seeds(seed: int, n: int, offset: int = 0) -> list[int]:
     """The default per-prompt seeds: prompt i of a list (at global position offset + i) -> seed + (offset + i) * a large
     odd number (so a one-prompt call with seed s samples exactly as a generator seeded with s)."""
@@ -255,15 +264,7 @@ def _decode_chunk(model, tok, prompts: list[list[int]] | None, expand: int, cfg:
                             position_ids=next_pos).logits[:, -1, :]  # (b, V)
         next_pos = next_pos + 1
 
-    samples = []
-    for row in range(B):
-        text = tok.decode(generated[row], skip_special_tokens=True)
-        if cfg.stop:
-            cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish[row] = text[:cut], "stop"
-        samples.append(Sample(text, generated[row], finish[row]))
-    return samples
+    return [finished_sample(tok, generated[row], finish[row], cfg.stop) for row in range(B)]
 
 
 def _pad_cache_left(cache, k: int) -> None:
@@ -344,7 +345,7 @@ def _prefill(model, prompts: list[list[int]], n: int, pad: int, device, prefix: 
                 PAD_WASTE * sum(len(x) for x in prompts[start:k + 1]):
             runs.append(prompts[start:k])
             start = k
-    cache = mask = last = logits = None
+    parts = []  # (cache, mask (r, L_run), last positions (r, 1), logits (r, V)) per run
     for run in runs:
         c = new_cache(model)
         ids, m = _left_pad(run, pad, device)  # (r, T)
@@ -357,11 +358,17 @@ def _prefill(model, prompts: list[list[int]], n: int, pad: int, device, prefix: 
             m = torch.cat([torch.ones(len(run), P, dtype=m.dtype, device=device), m], dim=1)  # (r, P + T)
         lg = lm_forward(model, cache=c, input_ids=ids, attention_mask=m, position_ids=pos,
                         logits_to_keep=1).logits[:, -1, :]  # (r, V)
-        if cache is None:
-            cache, mask, last, logits = c, m, pos[:, -1:], lg
-        else:
-            mask = _splice(cache, mask, c, m)
-            last, logits = torch.cat([last, pos[:, -1:]]), torch.cat([logits, lg])
+        parts.append((c, m, pos[:, -1:], lg))
+    L = max(m.shape[1] for _, m, _, _ in parts)  # the runs joined left-aligned in one copy (not one per run)
+    for c, m, _, _ in parts:
+        _pad_cache_left(c, L - m.shape[1])
+    cache = parts[0][0]
+    if len(parts) > 1:
+        for i, layer in enumerate(cache.layers):
+            layer.keys = torch.cat([c.layers[i].keys for c, _, _, _ in parts])
+            layer.values = torch.cat([c.layers[i].values for c, _, _, _ in parts])
+    mask = torch.cat([F.pad(m, (L - m.shape[1], 0)) for _, m, _, _ in parts])  # (p, L)
+    last, logits = torch.cat([x for _, _, x, _ in parts]), torch.cat([x for _, _, _, x in parts])
     if n > 1:
         cache.batch_repeat_interleave(n)
         mask, last, logits = mask.repeat_interleave(n, 0), last.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
@@ -439,18 +446,8 @@ def _decode_stream(model, tok, prompts: list[list[int]], n: int, cfg: GenConfig,
                             position_ids=next_pos).logits[:, -1, :]  # (b, V)
         next_pos = next_pos + 1
 
-    out = []
-    for i in range(len(prompts)):
-        group = []
-        for j in range(n):
-            text, fin = tok.decode(generated[i][j], skip_special_tokens=True), finish[i][j]
-            if cfg.stop:
-                cut = min((x for x in (text.find(s) for s in cfg.stop) if x >= 0), default=-1)
-                if cut >= 0:
-                    text, fin = text[:cut], "stop"
-            group.append(Sample(text, generated[i][j], fin))
-        out.append(group)
-    return out
+    return [[finished_sample(tok, generated[i][j], finish[i][j], cfg.stop) for j in range(n)]
+            for i in range(len(prompts))]
 
 
 def _generators(seeds: list[int], device, greedy: bool) -> list[torch.Generator | None]:
@@ -598,11 +595,7 @@ def _hf_sample(tok, new: list[int], stop_ids: set[int], cfg: GenConfig) -> Sampl
         if t in stop_ids:  # HF pads after EOS with the pad id (often EOS itself)
             new, finish = new[:k], "eos"
             break
-    text = tok.decode(new, skip_special_tokens=True)
-    cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
-    if cut >= 0:
-        text, finish = text[:cut], "stop"
-    return Sample(text, new, finish)
+    return finished_sample(tok, new, finish, cfg.stop)
 
 
 class BackendUnavailable(UserError, RuntimeError):

@@ -223,3 +223,38 @@ def test_a_prefix_shared_by_every_prompt_is_prefilled_once_and_changes_no_sample
         alone = [G.generate(model, tok, [p], cfg, seeds=[s])[0] for p, s in zip(prompts, seeds)]
         assert [[x.token_ids for x in grp] for grp in together] == [[x.token_ids for x in grp] for grp in alone]
     assert 24 in shared and shared.count(0) == len(shared) - shared.count(24)  # the calls of one prompt share none
+
+
+def test_mixed_groups_decode_the_policy_and_its_reference_in_one_batch_as_each_alone(tiny):
+    """The Markovian rollout's shape: a prompt's 3 policy samples (T = 1) and the same prompt's greedy decode by the
+    reference (adapter off) in one call give the samples each gives alone, in as many forwards as the longer one."""
+    import copy
+
+    from reasonlab.models.lm import LoraConfig, add_lora, reference
+
+    model, tok = tiny
+    peft = add_lora(copy.deepcopy(model), LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    cfg = G.GenConfig(n=3, temperature=1.0, max_new_tokens=10, min_new_tokens=10, batch_size=8, progress=False)
+    alone_pol = G.generate(peft, tok, prompts, cfg, seeds=[5, 6])
+    with reference(peft):
+        alone_ref = G.generate(peft, tok, prompts, G.GenConfig(n=1, max_new_tokens=10, min_new_tokens=10,
+                                                              progress=False))
+    calls = []
+    hook = peft.get_base_model().register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        mixed = G.generate(peft, tok, prompts + prompts, cfg, seeds=[5, 6, 0, 0],
+                           groups=[G.Group(3, 1.0)] * 2 + [G.Group(1, 0.0, "__base__")] * 2)
+    finally:
+        hook.remove()
+    ids = lambda groups: [[s.token_ids for s in g] for g in groups]  # noqa: E731
+    assert ids(mixed[:2]) == ids(alone_pol)
+    assert ids(mixed[2:]) == ids(alone_ref)
+    assert ids(alone_ref) != [[g[0]] for g in ids(alone_pol)]  # the adapter changes the tokens: a real test
+    assert len(calls) == 2 + 9  # a prefill per prompt length (2: both adapters in each) + 9 decode steps
+    with pytest.raises(ValueError, match="one per prompt"):
+        G.generate(peft, tok, prompts, cfg, groups=[G.Group(1, 0.0)])

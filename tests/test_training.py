@@ -157,3 +157,19 @@ def test_auto_threads_takes_the_free_cores_shared_among_this_machines_processes(
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert auto_threads() == 2  # two processes on four idle cores: two threads each, not four
+
+
+def test_keep_freed_memory_applies_once_and_the_switch_keeps_glibc_defaults(monkeypatch):
+    import sys
+
+    from reasonlab import training
+
+    monkeypatch.setattr(training, "_MALLOC_TUNED", False)
+    monkeypatch.setenv("REASONLAB_MALLOC", "glibc")
+    assert training.keep_freed_memory() is False
+    monkeypatch.delenv("REASONLAB_MALLOC")
+    import platform
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert training.keep_freed_memory() is glibc
+    assert training.keep_freed_memory() is glibc  # idempotent

@@ -29,6 +29,7 @@ caller's order. `min_new_tokens` masks EOS until that many tokens exist (Markovi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from reasonlab.errors import UserError
+from reasonlab.eval.packed import packed
 
 Backend = Literal["auto", "own", "hf", "vllm"]
 BACKENDS = ("auto", "own", "hf", "vllm")
@@ -120,6 +122,18 @@ class Sample:
         return self.finish == "length"
 
 
+@dataclass(frozen=True)
+class Group:
+    """One prompt's own settings in a mixed `generate(..., groups=...)` call: its sample count, temperature and PEFT
+    adapter (None: the active one; "__base__": the adapter switched off, i.e. the reference policy). Prompts of
+    different groups decode in the same batch, so one pass over the weights serves them all (PEFT's mixed-adapter
+    batches: the base layer runs on every row, each adapter on its own rows)."""
+
+    n: int
+    temperature: float
+    adapter: str | None = None
+
+
 def finished_sample(tok, ids: list[int], finish: str, stop: tuple[str, ...]) -> Sample:
     """The Sample of generated token ids: decoded, the text cut before the first stop string (finish "stop")."""
     text = tok.decode(ids, skip_special_tokens=True)
@@ -190,19 +204,26 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     return torch.multinomial(next_token_probs(logits, temperature, top_p), 1, generator=gen).squeeze(-1)  # (B,)
 
 
-def _draw(logits: torch.Tensor, cfg: GenConfig, owner: list[int], gens: list[torch.Generator | None]) -> torch.Tensor:
+def _draw(logits: torch.Tensor, cfg: GenConfig, owner: list[int], gens: list[torch.Generator | None],
+          temps: list[float] | None = None) -> torch.Tensor:
     """Next tokens (b,) from logits (b, V): argmax when greedy; else the rows of each prompt (adjacent, owner[r] =
-    the prompt of row r) drawn together from that prompt's generator, so its draws do not depend on the other rows."""
-    if cfg.temperature == 0:
+    the prompt of row r) drawn together from that prompt's generator, so its draws do not depend on the other rows.
+    `temps`: one temperature per prompt (mixed groups; 0 = that prompt's rows are greedy) instead of cfg's."""
+    if temps is None and cfg.temperature == 0:
         return logits.argmax(-1)
-    probs = next_token_probs(logits, cfg.temperature, cfg.top_p)  # (b, V)
+    probs = next_token_probs(logits, cfg.temperature, cfg.top_p) if temps is None else None  # (b, V)
     nxt = torch.empty(len(owner), dtype=torch.long, device=logits.device)
     j = 0
     while j < len(owner):
         k = j
         while k < len(owner) and owner[k] == owner[j]:
             k += 1
-        nxt[j:k] = torch.multinomial(probs[j:k], 1, generator=gens[owner[j]]).squeeze(-1)
+        t = cfg.temperature if temps is None else temps[owner[j]]
+        if t == 0:
+            nxt[j:k] = logits[j:k].argmax(-1)
+        else:
+            p = probs[j:k] if probs is not None else next_token_probs(logits[j:k], t, cfg.top_p)  # (k - j, V)
+            nxt[j:k] = torch.multinomial(p, 1, generator=gens[owner[j]]).squeeze(-1)
         j = k
     return nxt
 
@@ -330,13 +351,15 @@ def _shared_prefix(model, prompts: list[list[int]], device) -> tuple[list, int]:
     return [(layer.keys, layer.values) for layer in c.layers], P
 
 
-def _prefill(model, prompts: list[list[int]], n: int, pad: int, device, prefix: tuple[list, int] = ([], 0)):
+def _prefill(model, prompts: list[list[int]], ns: list[int], pad: int, device, prefix: tuple[list, int] = ([], 0),
+             adapters: list[str] | None = None):
     """Prefill length-sorted prompts in runs of near-equal length (padded prompt tokens cost as much compute as real
     ones; the waste of one run stays under PAD_WASTE), join the runs' caches left-aligned into one batch, and repeat
-    each prompt's row n times (its group shares the prompt's keys/values). `prefix` = _shared_prefix(...): those
+    prompt i's row ns[i] times (its group shares the prompt's keys/values). `adapters`: the PEFT adapter of each
+    prompt (mixed groups), or None (the model as it is). `prefix` = _shared_prefix(...): those
     first P tokens of every prompt are not recomputed; each run starts from their keys/values (the run's left padding
     then sits between the prefix and the rest, masked, with positions continuing after the prefix). Returns (cache,
-    mask (p*n, L), positions of the last prompt token (p*n, 1), next-token logits (p*n, V))."""
+    mask (sum ns, L), positions of the last prompt token (sum ns, 1), next-token logits (sum ns, V))."""
     kv, P = prefix
     prompts = [x[P:] for x in prompts]
     runs, start = [], 0
@@ -346,7 +369,10 @@ def _prefill(model, prompts: list[list[int]], n: int, pad: int, device, prefix: 
             runs.append(prompts[start:k])
             start = k
     parts = []  # (cache, mask (r, L_run), last positions (r, 1), logits (r, V)) per run
+    done = 0
     for run in runs:
+        extra = {} if adapters is None else {"adapter_names": adapters[done:done + len(run)]}
+        done += len(run)
         c = new_cache(model)
         ids, m = _left_pad(run, pad, device)  # (r, T)
         pos = (m.cumsum(-1) - 1).clamp(min=0)
@@ -356,8 +382,8 @@ def _prefill(model, prompts: list[list[int]], n: int, pad: int, device, prefix: 
                 layer.keys, layer.values = k.expand(len(run), -1, -1, -1), v.expand(len(run), -1, -1, -1)
             pos = pos + P
             m = torch.cat([torch.ones(len(run), P, dtype=m.dtype, device=device), m], dim=1)  # (r, P + T)
-        lg = lm_forward(model, cache=c, input_ids=ids, attention_mask=m, position_ids=pos,
-                        logits_to_keep=1).logits[:, -1, :]  # (r, V)
+        lg = lm_forward(model, cache=c, input_ids=ids, attention_mask=m, position_ids=pos, logits_to_keep=1,
+                        **extra).logits[:, -1, :]  # (r, V)
         parts.append((c, m, pos[:, -1:], lg))
     L = max(m.shape[1] for _, m, _, _ in parts)  # the runs joined left-aligned in one copy (not one per run)
     for c, m, _, _ in parts:
@@ -369,54 +395,64 @@ def _prefill(model, prompts: list[list[int]], n: int, pad: int, device, prefix: 
             layer.values = torch.cat([c.layers[i].values for c, _, _, _ in parts])
     mask = torch.cat([F.pad(m, (L - m.shape[1], 0)) for _, m, _, _ in parts])  # (p, L)
     last, logits = torch.cat([x for _, _, x, _ in parts]), torch.cat([x for _, _, _, x in parts])
-    if n > 1:
+    if len(set(ns)) == 1 and ns[0] > 1:
+        n = ns[0]
         cache.batch_repeat_interleave(n)
         mask, last, logits = mask.repeat_interleave(n, 0), last.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
+    elif len(set(ns)) > 1:  # groups of different sizes: row i repeated ns[i] times, in order
+        idx = torch.repeat_interleave(torch.arange(len(ns), device=device), torch.tensor(ns, device=device))
+        cache.batch_select_indices(idx)
+        mask, last, logits = mask[idx], last[idx], logits[idx]
     return cache, mask, last, logits
 
 
 @torch.no_grad()
-def _decode_stream(model, tok, prompts: list[list[int]], n: int, cfg: GenConfig,
+def _decode_stream(model, tok, prompts: list[list[int]], groups: list[Group], cfg: GenConfig,
                    gens: list[torch.Generator | None], stop_ids: set[int], bar=None) -> list[list[Sample]]:
-    """Continuous batching: up to max(cfg.batch_size, n) rows decode together; when a quarter of the rows (at least
+    """Continuous batching: up to max(cfg.batch_size, largest n) rows decode together; when a quarter of the rows (at least
     one prompt's group) have finished, the next prompts in the list are prefilled (each prefilled once, its cache
     shared by its n rows) and spliced into the running batch, so the batch stays full instead of draining to the
     longest row and no prompt is padded to a longer prompt of a later batch. Row r of prompt i draws from gens[i], in
-    the order of its own steps, so a prompt's samples do not depend on which rows run beside it. Returns
-    samples[i][j]."""
+    the order of its own steps, so a prompt's samples do not depend on which rows run beside it. groups[i]: prompt i's
+    n, temperature and adapter (all equal to cfg's unless the caller mixed them). Returns samples[i][j]."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stop_ids), 0)
     eos = sorted(stop_ids)
-    rows_max = max(cfg.batch_size, n)
-    refill = max(n, rows_max // 4)  # free rows that trigger a prefill: fewer, larger splices
+    ns = [g.n for g in groups]
+    temps = [g.temperature for g in groups]
+    mixed = any(t != cfg.temperature for t in temps)
+    adapters = _adapter_names(model, groups)
+    rows_max = max(cfg.batch_size, max(ns))
+    refill = max(max(ns), rows_max // 4)  # free rows that trigger a prefill: fewer, larger splices
     queue = list(range(len(prompts)))
-    generated = [[[] for _ in range(n)] for _ in prompts]
-    finish = [["length"] * n for _ in prompts]
-    left = [n] * len(prompts)  # rows of each prompt still decoding
+    generated = [[[] for _ in range(k)] for k in ns]
+    finish = [["length"] * k for k in ns]
+    left = list(ns)  # rows of each prompt still decoding
     owner: list[int] = []  # prompt of each live row (a prompt's rows are adjacent)
     sub: list[int] = []  # sample index of each live row
     cache = mask = next_pos = logits = None
-    prefix = _shared_prefix(model, prompts, device)
+    prefix = _shared_prefix(model, prompts, device) if adapters is None or len(set(adapters)) == 1 else ([], 0)
 
     while queue or owner:
         if queue and (rows_max - len(owner) >= refill or not owner):
             take = []
-            while queue and len(owner) + n * (len(take) + 1) <= rows_max:
+            while queue and len(owner) + sum(ns[i] for i in take) + ns[queue[0]] <= rows_max:
                 take.append(queue.pop(0))
-            c, m, last, lg = _prefill(model, [prompts[i] for i in take], n, pad, device, prefix)
+            c, m, last, lg = _prefill(model, [prompts[i] for i in take], [ns[i] for i in take], pad, device, prefix,
+                                      None if adapters is None else [adapters[i] for i in take])
             if owner:
                 mask = _splice(cache, mask, c, m)
                 next_pos, logits = torch.cat([next_pos, last + 1]), torch.cat([logits, lg])
             else:
                 cache, mask, next_pos, logits = c, m, last + 1, lg
-            owner += [i for i in take for _ in range(n)]
-            sub += [j for _ in take for j in range(n)]
+            owner += [i for i in take for _ in range(ns[i])]
+            sub += [j for i in take for j in range(ns[i])]
         counts = [len(generated[i][j]) for i, j in zip(owner, sub)]
         if eos and cfg.min_new_tokens:
             early = torch.tensor([c < cfg.min_new_tokens for c in counts], device=device)  # (b,)
             if bool(early.any()):
                 logits[early.nonzero().squeeze(-1)[:, None], torch.tensor(eos, device=device)] = float("-inf")
-        nxt = _draw(logits, cfg, owner, gens)  # (b,)
+        nxt = _draw(logits, cfg, owner, gens, temps if mixed else None)  # (b,)
         done = []
         for r, (i, j, t) in enumerate(zip(owner, sub, nxt.tolist())):
             g = generated[i][j]
@@ -430,7 +466,7 @@ def _decode_stream(model, tok, prompts: list[list[int]], n: int, cfg: GenConfig,
                 done.append(r)
                 left[i] -= 1
                 if bar is not None and left[i] == 0:
-                    bar.update(n)
+                    bar.update(ns[i])
         if done:
             gone = set(done)
             keep = [r for r in range(len(owner)) if r not in gone]
@@ -442,12 +478,23 @@ def _decode_stream(model, tok, prompts: list[list[int]], n: int, cfg: GenConfig,
             cache.batch_select_indices(kt)
             mask, next_pos, nxt = _trim_left(cache, mask[kt]), next_pos[kt], nxt[kt]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (b, L + 1)
-        logits = lm_forward(model, cache=cache, input_ids=nxt[:, None], attention_mask=mask,
-                            position_ids=next_pos).logits[:, -1, :]  # (b, V)
+        extra = {} if adapters is None else {"adapter_names": [adapters[i] for i in owner]}
+        logits = lm_forward(model, cache=cache, input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
+                            **extra).logits[:, -1, :]  # (b, V)
         next_pos = next_pos + 1
 
-    return [[finished_sample(tok, generated[i][j], finish[i][j], cfg.stop) for j in range(n)]
+    return [[finished_sample(tok, generated[i][j], finish[i][j], cfg.stop) for j in range(ns[i])]
             for i in range(len(prompts))]
+
+
+def _adapter_names(model, groups: list[Group]) -> list[str] | None:
+    """Per-prompt PEFT adapter names for mixed-adapter batches, or None when every group uses the model as it is."""
+    if all(g.adapter is None for g in groups):
+        return None
+    if not hasattr(model, "active_adapter"):
+        raise ValueError("Group.adapter needs a PEFT model (the reference is its adapter switched off)")
+    active = model.active_adapter
+    return [active if g.adapter is None else g.adapter for g in groups]
 
 
 def _generators(seeds: list[int], device, greedy: bool) -> list[torch.Generator | None]:
@@ -457,9 +504,12 @@ def _generators(seeds: list[int], device, greedy: bool) -> list[torch.Generator 
 
 
 def generate(model, tok, prompts: list[str] | list[list[int]], cfg: GenConfig | None = None, *, chat: bool = False,
-             seeds: list[int] | None = None, **overrides) -> list[list[Sample]]:
+             seeds: list[int] | None = None, groups: list[Group] | None = None, **overrides) -> list[list[Sample]]:
     """cfg.n samples for each prompt (text, or token ids) with the own decode loop. Returns samples[prompt][sample].
-    `seeds`: one per prompt (default prompt_seeds(cfg.seed, len(prompts)))."""
+    `seeds`: one per prompt (default prompt_seeds(cfg.seed, len(prompts))). `groups`: one Group per prompt to give
+    prompts their own n, temperature and adapter in one batch (the policy's samples and the reference's greedy
+    decode of the same questions, in one pass over the weights); cfg's other fields apply to all. CPU linears run on oneDNN-packed weights
+    (reasonlab.eval.packed), packed once per model while its weights are unchanged."""
     from tqdm.auto import tqdm
 
     cfg = cfg or GenConfig(**overrides)
@@ -469,18 +519,26 @@ def generate(model, tok, prompts: list[str] | list[list[int]], cfg: GenConfig | 
     seeds = prompt_seeds(cfg.seed, len(ids)) if seeds is None else list(seeds)
     if len(seeds) != len(ids):
         raise ValueError(f"{len(seeds)} seeds for {len(ids)} prompts")
+    if groups is not None and (len(groups) != len(ids) or not (cfg.grouped and streams(model))):
+        raise ValueError(f"groups: need one per prompt ({len(groups)} for {len(ids)}) and the continuous-batching "
+                         "loop (cfg.grouped, a DynamicCache model)")
     stop_ids = eos_ids(model, tok)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     results: list[list[Sample] | None] = [None] * len(ids)
-    bar = tqdm(total=len(ids) * cfg.n, disable=not cfg.progress, desc="generate", unit="sample", leave=False)
+    packing = contextlib.ExitStack()
+    total = len(ids) * cfg.n if groups is None else sum(g.n for g in groups)
+    bar = tqdm(total=total, disable=not cfg.progress, desc="generate", unit="sample", leave=False)
     greedy = cfg.temperature == 0
     try:
+        packing.enter_context(packed(model))
         if cfg.grouped and streams(model):
-            out = _decode_stream(model, tok, [ids[i] for i in order], cfg.n, cfg,
-                                 _generators([seeds[i] for i in order], device, greedy), stop_ids, bar)
+            gs = [Group(cfg.n, cfg.temperature)] * len(ids) if groups is None else [groups[i] for i in order]
+            gens = _generators([seeds[i] for i in order], device, greedy and groups is None)
+            gens = [None if g.temperature == 0 else x for g, x in zip(gs, gens)]
+            out = _decode_stream(model, tok, [ids[i] for i in order], gs, cfg, gens, stop_ids, bar)
             for i, group in zip(order, out):
                 results[i] = group
         elif cfg.grouped:  # a cache the stream cannot splice: static batches of whole groups
@@ -506,6 +564,7 @@ def generate(model, tok, prompts: list[str] | list[list[int]], cfg: GenConfig | 
                     results[i].append(s)
                 bar.update(len(chunk))
     finally:
+        packing.close()
         bar.close()
         model.train(was_training)
     return results  # type: ignore[return-value]
@@ -540,8 +599,9 @@ class OwnSampler:
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
 
-    def generate(self, prompts: list[list[int]], cfg: GenConfig, seeds: list[int] | None = None) -> list[list[Sample]]:
-        return generate(self.model, self.tok, prompts, cfg, seeds=seeds)
+    def generate(self, prompts: list[list[int]], cfg: GenConfig, seeds: list[int] | None = None,
+                 groups: list[Group] | None = None) -> list[list[Sample]]:
+        return generate(self.model, self.tok, prompts, cfg, seeds=seeds, groups=groups)
 
     def sync(self, model=None) -> None:
         """Nothing to hand over: the loop samples the live model."""

@@ -68,7 +68,7 @@ import torch
 from reasonlab import training
 from reasonlab.config import BaseConfig, ConfigError, EvalConfig, F, TrainConfig
 from reasonlab.watch import WatchConfig, Watcher, group_reward_stats, record_train_ids, rollout_stats
-from reasonlab.eval.generate import Backend, GenConfig, OwnSampler, generate, prompt_seeds
+from reasonlab.eval.generate import Backend, GenConfig, Group, OwnSampler, generate, prompt_seeds
 from reasonlab.models.lm import LoraConfig, ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl import markovian as M
 from reasonlab.rl.policy import (entropy_from_logits, group_stats, kl_exact, kl_k3, masked_mean, pg_loss, ppo_loss,
@@ -282,11 +282,27 @@ class Rollout:
 
 
 def rollout(ctx: Ctx, step: int, slots: list[int], questions: list[Example], G: int) -> Rollout:
-    """G CoTs per question (slot = the question's position in the global batch: it seeds the sampling)."""
+    """G CoTs per question (slot = the question's position in the global batch: it seeds the sampling). With the own
+    loop and greedy reference CoTs, the reference's CoTs of the questions not yet cached decode in the same batch as
+    the policy's (one pass over the weights for both: generate's mixed groups, the adapter off on those rows)."""
+    rl = ctx.cfg.rl
+    seeds = [M.sample_seed(ctx.cfg.seed, step, slot) for slot in slots]
+    if rl.ref_cot == "greedy" and getattr(ctx.sampler, "name", None) == "own":
+        todo = list({e.id: e for e in questions if e.id not in ctx.ref_cache}.values())
+        groups = [Group(G, rl.temperature)] * len(questions) + [Group(1, 0.0, "__base__")] * len(todo)
+        out = ctx.sampler.generate([ctx.question_ids(e) for e in questions + todo],
+                                   cot_config(ctx, G, rl.temperature, batch_size=sum(g.n for g in groups)),
+                                   seeds=seeds + [0] * len(todo), groups=groups)
+        if todo:
+            ref_rows = ctx.answer_rows(todo, [g[0].token_ids for g in out[len(questions):]]).to(ctx.device)
+            with torch.no_grad(), reference(ctx.model):
+                values = M.segment_logprob(ctx.model, ref_rows, 3, rl.answer_logprob)  # (len(todo),)
+            ctx.ref_cache.update({e.id: float(v) for e, v in zip(todo, values)})
+        groups_out = [[s.token_ids for s in g] for g in out[:len(questions)]]
+    else:
+        groups_out = [sample_cots(ctx, ctx.question_ids(e), G, rl.temperature, seed) for e, seed in zip(questions, seeds)]
     exs, cots, ref = [], [], []
-    for slot, e in zip(slots, questions):
-        p = ctx.question_ids(e)
-        group = sample_cots(ctx, p, G, ctx.cfg.rl.temperature, M.sample_seed(ctx.cfg.seed, step, slot))
+    for slot, e, group in zip(slots, questions, groups_out):
         r = ref_answer_logp(ctx, e, step, slot)
         exs += [e] * G
         cots += group

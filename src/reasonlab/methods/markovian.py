@@ -45,11 +45,12 @@ shared/ANCHORS.md, seed 003; pure pieces in reasonlab/rl/markovian.py and reason
 - Compute (reasonlab.training): train.device / train.precision; under `accelerate launch` the processes take whole
   question groups and DDP averages the gradients, so the update equals the 1-process update on the same global batch;
   evaluation is split over the processes. CoTs are sampled by `rollout.backend` (own loop | hf | vllm with the
-  policy's weights handed over after every update); the reference CoT is always decoded by the own loop.
+  policy's weights handed over after every update); the reference CoT is always decoded by the own loop, with the
+  own backend in the same batch as the policy's CoTs (its rows with the adapter off: one pass over the weights).
 - Resume is exact: the adapter, AdamW, the schedule, the RNG streams, the validation choice and the watcher's
   windows are checkpointed; the questions and CoT seeds of a step are functions of (seed, step, slot). The cache of
-  ln pi_ref(answer | greedy CoT_ref) is not saved: each entry is the reference (the frozen base) decoding one
-  question alone, greedily, so a resumed run recomputes the same numbers. SIGTERM during an evaluation stops it at
+  ln pi_ref(answer | greedy CoT_ref) is not saved: each entry is the reference (the frozen base) decoding the
+  question greedily (in the rollout's batch, on rows of its own), so a resumed run recomputes the same CoT. SIGTERM during an evaluation stops it at
   its next generation batch; --resume redoes it.
 - Not implemented: the paper's EMA reward baseline (rl `r`), CoT-length curricula, the wiki perturbation analyses.
 

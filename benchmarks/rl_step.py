@@ -15,15 +15,22 @@ Paths (`--paths`, run in this order once per --runs, alternating so machine load
   poly-kl0.04 the same, train.kl_coef=0.04 (k3 on the sampled tokens, as TRL)
   mk-kl0.04   reasonlab markovian recipe (configs/markovian/arithmetic-smollm2.yaml), 64-token CoTs, rl.kl_coef=0.04
               (its default exact KL over the vocabulary), greedy reference CoT per question (cached per question; every
-              step here has a new question, as in training)
+              step here has a new question, as in training), decoded in the rollout's batch with the adapter off on its
+              row, so its time is inside gen
   mk-kl0      the same at rl.kl_coef=0
 Ours run through their normal entry points: load_config(yaml, overrides) -> Run(cfg, dir) -> main(cfg, run). Only the
 evaluations before/after training and the final checkpoint are switched off (training.evals_at / final_eval replaced
 by no-ops in this process), and the gradient audit (watch.audit_every=0: TRL has none).
 
+Allocator: our recipes keep freed memory in the heap on the CPU (reasonlab.training.keep_freed_memory, glibc's
+mallopt, once per process), which also holds for the TRL runs that come after our first run in this process. So
+with the default order, run 1's TRL paths have glibc's defaults (each library as it ships) and run 2's have the
+tuned allocator (the same allocator on both sides); the per-run ratios show both.
+
 Per path it prints the median over steps 2..N (step 1 pays one-time costs) of each run, and the split:
   gen    sampling the rollouts (ours: the recipe's sampler.generate; TRL: _generate_single_turn, HF generate)
-  refgen markovian only: the reference's greedy CoT (decoded by the own loop, one question at a time)
+  refgen markovian only: the reference's greedy CoT when it is decoded apart from the rollout (backends other
+         than own, rl.ref_cot=sample); with the own loop it rides in the rollout's batch and counts in gen
   fwd    model forwards outside generation (hooks on the causal LM, its decoder and its lm_head; nested calls count
          once): policy, reference and answer forwards; TRL's fused log-prob/entropy head is inside its forward
   bwd    torch.autograd.backward

@@ -69,7 +69,7 @@ import torch
 from reasonlab import training
 from reasonlab.config import BaseConfig, ConfigError, EvalConfig, F, TrainConfig
 from reasonlab.watch import WatchConfig, Watcher, group_reward_stats, record_train_ids, rollout_stats
-from reasonlab.eval.generate import Backend, GenConfig, Group, OwnSampler, generate, prompt_seeds
+from reasonlab.eval.generate import Backend, GenConfig, Group, OwnSampler, generate, prompt_seeds, streams
 from reasonlab.models.lm import LoraConfig, ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl import markovian as M
 from reasonlab.rl.policy import (entropy_from_logits, group_stats, kl_exact, kl_k3, masked_mean, pg_loss, ppo_loss,
@@ -288,7 +288,7 @@ def rollout(ctx: Ctx, step: int, slots: list[int], questions: list[Example], G: 
     the policy's (one pass over the weights for both: generate's mixed groups, the adapter off on those rows)."""
     rl = ctx.cfg.rl
     seeds = [M.sample_seed(ctx.cfg.seed, step, slot) for slot in slots]
-    if rl.ref_cot == "greedy" and getattr(ctx.sampler, "name", None) == "own":
+    if rl.ref_cot == "greedy" and getattr(ctx.sampler, "name", None) == "own" and streams(ctx.model):
         todo = list({e.id: e for e in questions if e.id not in ctx.ref_cache}.values())
         groups = [Group(G, rl.temperature)] * len(questions) + [Group(1, 0.0, "__base__")] * len(todo)
         out = ctx.sampler.generate([ctx.question_ids(e) for e in questions + todo],

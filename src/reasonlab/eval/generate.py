@@ -395,11 +395,7 @@ def _prefill(model, prompts: list[list[int]], ns: list[int], pad: int, device, p
             layer.values = torch.cat([c.layers[i].values for c, _, _, _ in parts])
     mask = torch.cat([F.pad(m, (L - m.shape[1], 0)) for _, m, _, _ in parts])  # (p, L)
     last, logits = torch.cat([x for _, _, x, _ in parts]), torch.cat([x for _, _, _, x in parts])
-    if len(set(ns)) == 1 and ns[0] > 1:
-        n = ns[0]
-        cache.batch_repeat_interleave(n)
-        mask, last, logits = mask.repeat_interleave(n, 0), last.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
-    elif len(set(ns)) > 1:  # groups of different sizes: row i repeated ns[i] times, in order
+    if any(k > 1 for k in ns):  # row i repeated ns[i] times, in order (copies: the values are unchanged)
         idx = torch.repeat_interleave(torch.arange(len(ns), device=device), torch.tensor(ns, device=device))
         cache.batch_select_indices(idx)
         mask, last, logits = mask[idx], last[idx], logits[idx]
@@ -409,12 +405,13 @@ def _prefill(model, prompts: list[list[int]], ns: list[int], pad: int, device, p
 @torch.no_grad()
 def _decode_stream(model, tok, prompts: list[list[int]], groups: list[Group], cfg: GenConfig,
                    gens: list[torch.Generator | None], stop_ids: set[int], bar=None) -> list[list[Sample]]:
-    """Continuous batching: up to max(cfg.batch_size, largest n) rows decode together; when a quarter of the rows (at least
-    one prompt's group) have finished, the next prompts in the list are prefilled (each prefilled once, its cache
-    shared by its n rows) and spliced into the running batch, so the batch stays full instead of draining to the
-    longest row and no prompt is padded to a longer prompt of a later batch. Row r of prompt i draws from gens[i], in
-    the order of its own steps, so a prompt's samples do not depend on which rows run beside it. groups[i]: prompt i's
-    n, temperature and adapter (all equal to cfg's unless the caller mixed them). Returns samples[i][j]."""
+    """Continuous batching: up to max(cfg.batch_size, largest n) rows decode together; when a quarter of the rows
+    (at least one prompt's group) have finished, the next prompts in the list are prefilled (each prefilled once,
+    its cache shared by its n rows) and spliced into the running batch, so the batch stays full instead of draining
+    to the longest row and no prompt is padded to a longer prompt of a later batch. Row r of prompt i draws from
+    gens[i], in the order of its own steps, so a prompt's samples do not depend on which rows run beside it.
+    groups[i]: prompt i's n, temperature and adapter (all equal to cfg's unless the caller mixed them). Returns
+    samples[i][j]."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stop_ids), 0)
     eos = sorted(stop_ids)
@@ -508,8 +505,8 @@ def generate(model, tok, prompts: list[str] | list[list[int]], cfg: GenConfig | 
     """cfg.n samples for each prompt (text, or token ids) with the own decode loop. Returns samples[prompt][sample].
     `seeds`: one per prompt (default prompt_seeds(cfg.seed, len(prompts))). `groups`: one Group per prompt to give
     prompts their own n, temperature and adapter in one batch (the policy's samples and the reference's greedy
-    decode of the same questions, in one pass over the weights); cfg's other fields apply to all. CPU linears run on oneDNN-packed weights
-    (reasonlab.eval.packed), packed once per model while its weights are unchanged."""
+    decode of the same questions, in one pass over the weights); cfg's other fields apply to all. CPU linears run
+    on oneDNN-packed weights (reasonlab.eval.packed), packed once per model while its weights are unchanged."""
     from tqdm.auto import tqdm
 
     cfg = cfg or GenConfig(**overrides)
@@ -536,8 +533,7 @@ def generate(model, tok, prompts: list[str] | list[list[int]], cfg: GenConfig | 
         packing.enter_context(packed(model))
         if cfg.grouped and streams(model):
             gs = [Group(cfg.n, cfg.temperature)] * len(ids) if groups is None else [groups[i] for i in order]
-            gens = _generators([seeds[i] for i in order], device, greedy and groups is None)
-            gens = [None if g.temperature == 0 else x for g, x in zip(gs, gens)]
+            gens = [_generators([seeds[i]], device, g.temperature == 0)[0] for i, g in zip(order, gs)]
             out = _decode_stream(model, tok, [ids[i] for i in order], gs, cfg, gens, stop_ids, bar)
             for i, group in zip(order, out):
                 results[i] = group

@@ -10,11 +10,13 @@ bit for bit: a different kernel sums in a different order).
         ...                         # a forward under grad (or with an input that needs grad) runs the plain F.linear
 
 Eligible: `torch.nn.Linear` on the CPU in float32 with at least MIN_NUMEL weights (PEFT's LoRA layers wrap one as
-`base_layer`: the frozen base is packed, the adapter's small matrices run as they are). A packed copy is kept while the weight is unchanged (same
-storage, same version counter: an optimizer step or `copy_` makes a new one), so a LoRA run packs its base once.
-`packed(model)` keeps one Packer per model object (sampling, reference and scoring forwards share its copies).
-Memory: the packed copies double the CPU weights of the linears while the model lives. Writes through `.data` bypass the version
-counter: call `packer.clear()` after them. `REASONLAB_PACKED_LINEARS=0` switches packing off.
+`base_layer`: the frozen base is packed, the adapter's small matrices run as they are). A packed copy is kept while
+the weight is unchanged (same storage, same version counter: an optimizer step or `copy_` makes a new one), so a LoRA
+run packs its base once. `packed(model)` keeps one Packer per model object (every `generate()` on it shares its copies).
+Only sampling uses it: the log-probs that enter a loss stay on F.linear, so a policy and its reference give exactly
+equal numbers where their weights are equal. Memory: the packed copies double the CPU weights of the linears while
+the model lives. Writes through `.data` bypass the version counter: call `packer.clear()` after them.
+`REASONLAB_PACKED_LINEARS=0` switches packing off.
 """
 
 from __future__ import annotations

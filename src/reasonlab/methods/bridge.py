@@ -60,8 +60,8 @@ from reasonlab.config import BaseConfig, ConfigError, EvalConfig, F, TrainConfig
 from reasonlab.watch import WatchConfig, Watcher, encoder_stats, record_train_ids
 from reasonlab.models.bridge import (Bridge, BridgeError, DiTConfig, PrefixKV, Row, SourceConfig, TranslatorConfig,
                                      answer_logits, answer_nll, assemble, ctc_alignment, curriculum_text_prob,
-                                     derangement, info_nce, kl_first_k, load_source, prompt_alignment, separation,
-                                     split_prefix)
+                                     derangement, eval_chunks, info_nce, kl_first_k, load_source, prompt_alignment,
+                                     separation, split_prefix)
 from reasonlab.eval.generate import hf_config
 from reasonlab.eval.metrics import accuracy
 from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config, reference
@@ -420,15 +420,6 @@ def decode_rows(ctx: dict, rows: list[Row]) -> list[str]:
         embeds, attn, _ = assemble(target.get_input_embeddings(), part, prompter.tok.pad_token_id or 0)
         texts += [smp.text for smp in generate_from_embeds(target, prompter.tok, embeds, attn, gc, past=past)]
     return texts
-
-
-def eval_chunks(n: int, bs: int) -> list[tuple[int, int]]:
-    """[start, end) chunks of at most bs rows, none of size 1 (a lone row has no other row to take a source from)."""
-    cuts = list(range(0, n, bs)) + [n]
-    spans = [(a, b) for a, b in zip(cuts, cuts[1:])]
-    if len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
-        spans[-2:] = [(spans[-2][0], spans[-2][1] - 1), (spans[-2][1] - 1, n)]
-    return spans
 
 
 def score_records(task, exs, outputs: list[str], prompts: list[str], extra: list[dict] | None = None) -> list[dict]:

@@ -47,11 +47,11 @@ shared/ANCHORS.md, seed 003; pure pieces in reasonlab/rl/markovian.py and reason
   evaluation is split over the processes. CoTs are sampled by `rollout.backend` (own loop | hf | vllm with the
   policy's weights handed over after every update); the reference CoT is always decoded by the own loop, with the
   own backend in the same batch as the policy's CoTs (its rows with the adapter off: one pass over the weights).
-- Resume is exact: the adapter, AdamW, the schedule, the RNG streams, the validation choice and the watcher's
-  windows are checkpointed; the questions and CoT seeds of a step are functions of (seed, step, slot). The cache of
-  ln pi_ref(answer | greedy CoT_ref) is not saved: each entry is the reference (the frozen base) decoding the
-  question greedily (in the rollout's batch, on rows of its own), so a resumed run recomputes the same CoT. SIGTERM during an evaluation stops it at
-  its next generation batch; --resume redoes it.
+- Resume is exact: the adapter, AdamW, the schedule, the RNG streams, the validation choice and the watcher's windows
+  are checkpointed; the questions and CoT seeds of a step are functions of (seed, step, slot). The cache of ln
+  pi_ref(answer | greedy CoT_ref) is not saved: each entry is the reference (the frozen base) decoding the question
+  greedily (in the rollout's batch, on rows of its own), so a resumed run recomputes the same CoT. SIGTERM during an
+  evaluation stops it at its next generation batch; --resume redoes it.
 - Not implemented: the paper's EMA reward baseline (rl `r`), CoT-length curricula, the wiki perturbation analyses.
 
     reasonlab run configs/markovian/arithmetic-smollm2.yaml
@@ -301,7 +301,8 @@ def rollout(ctx: Ctx, step: int, slots: list[int], questions: list[Example], G: 
             ctx.ref_cache.update({e.id: float(v) for e, v in zip(todo, values)})
         groups_out = [[s.token_ids for s in g] for g in out[:len(questions)]]
     else:
-        groups_out = [sample_cots(ctx, ctx.question_ids(e), G, rl.temperature, seed) for e, seed in zip(questions, seeds)]
+        groups_out = [sample_cots(ctx, ctx.question_ids(e), G, rl.temperature, seed)
+                      for e, seed in zip(questions, seeds)]
     exs, cots, ref = [], [], []
     for slot, e, group in zip(slots, questions, groups_out):
         r = ref_answer_logp(ctx, e, step, slot)

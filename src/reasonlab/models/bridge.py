@@ -635,6 +635,15 @@ def derangement(n: int, generator: torch.Generator | None = None) -> torch.Tenso
     return perm
 
 
+def eval_chunks(n: int, bs: int) -> list[tuple[int, int]]:
+    """[start, end) chunks of at most bs rows, none of size 1 (a lone row has no other row to take a source from)."""
+    cuts = list(range(0, n, bs)) + [n]
+    spans = [(a, b) for a, b in zip(cuts, cuts[1:])]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+        spans[-2:] = [(spans[-2][0], spans[-2][1] - 1), (spans[-2][1] - 1, n)]
+    return spans
+
+
 def curriculum_text_prob(step: int, mode: str, curriculum_steps: int) -> float:
     """Probability that a training row also shows the question text (soft_plus_text). soft_plus_text: always 1.
     soft_only: falls linearly from 1 at step 0 to 0 at `curriculum_steps` (0: soft_only from the start)."""

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from reasonlab.models.lm import tiny_causal_lm
-from reasonlab.rl.policy import (group_standardize, kl_exact, kl_k3, masked_mean, pg_loss, ppo_loss,
-                                 token_logprobs)
+from reasonlab.rl.policy import (entropy_from_logits, group_standardize, kl_exact, kl_exact_entropy, kl_k3,
+                                 masked_mean, pg_loss, ppo_loss, token_logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,30 @@ def test_kl_exact_matches_torch_and_k3_is_unbiased():
     est = kl_k3(lp[x], lq[x]).mean()
     assert abs(est.item() - kl_exact(p[0, 0], q[0, 0]).item()) < 0.02
     assert torch.all(kl_k3(lp[x], lq[x]) >= 0)
+
+
+def test_fused_kl_entropy_equals_the_composed_ops_and_their_gradients():
+    torch.manual_seed(0)
+    zp, zq = torch.randn(3, 5, 97) * 3, torch.randn(3, 5, 97) * 3  # 15 positions: chunks of 4 and a ragged last one
+    kl, ent = kl_exact_entropy(zp, zq)
+    lp = torch.log_softmax(zp, -1)
+    assert torch.equal(kl, kl_exact(zp, zq))  # the same ops per row: bit for bit
+    assert torch.equal(ent, -(lp.exp() * lp).sum(-1))
+    assert torch.equal(entropy_from_logits(zp), ent)  # the chunked no-grad entropy too
+    # gradients to both inputs against autograd through the composed ops, float64
+    a, b = zp.double().requires_grad_(), zq.double().requires_grad_()
+    w = torch.rand(3, 5, dtype=torch.float64)
+    (kl_exact_entropy(a, b)[0] * w).sum().backward()
+    a2, b2 = zp.double().requires_grad_(), zq.double().requires_grad_()
+    la, lb = torch.log_softmax(a2, -1), torch.log_softmax(b2, -1)  # kl_exact's ops (it computes in float32)
+    ((la.exp() * (la - lb)).sum(-1) * w).sum().backward()
+    torch.testing.assert_close(a.grad, a2.grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(b.grad, b2.grad, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda x, y: kl_exact_entropy(x, y)[0], (a.detach()[:1, :2].requires_grad_(),
+                                                                             b.detach()[:1, :2].requires_grad_()))
+    assert not ent.requires_grad and kl_exact_entropy(a, b)[0].requires_grad
+    with pytest.raises(ValueError, match="shapes differ"):
+        kl_exact_entropy(zp, zq[:, :4])
 
 
 def test_group_standardize_detaches_statistics_but_keeps_reward_gradient():

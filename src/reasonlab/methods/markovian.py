@@ -72,8 +72,8 @@ from reasonlab.watch import WatchConfig, Watcher, group_reward_stats, record_tra
 from reasonlab.eval.generate import Backend, GenConfig, Group, OwnSampler, generate, prompt_seeds, streams
 from reasonlab.models.lm import LoraConfig, ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl import markovian as M
-from reasonlab.rl.policy import (entropy_from_logits, group_stats, kl_exact, kl_k3, masked_mean, pg_loss, ppo_loss,
-                                 shared_prompt_logprobs)
+from reasonlab.rl.policy import (entropy_from_logits, group_stats, kl_exact_entropy, kl_k3, masked_mean, pg_loss,
+                                 ppo_loss, shared_prompt_logprobs)
 from reasonlab.runs import Run, batch_indices
 from reasonlab.tasks.base import Example
 
@@ -382,14 +382,16 @@ def loss_terms(ctx: Ctx, f: dict, ref_logp: torch.Tensor, mean: torch.Tensor, de
     else:
         pg = pg_loss(f["lp"], adv, f["mask"], rl.agg)
     terms = {"pg": pg, "actor_reward": M.actor_reward_loss(a_actor)}
+    ent = None
     if rl.kl_coef != 0:  # at kl_coef 0 there is no reference forward (forward_terms skips it) and no KL term
-        if rl.kl_estimator == "exact":
-            kl_tok = kl_exact(f["logits"], f["ref_logits"])  # (b, K)
+        if rl.kl_estimator == "exact":  # one fused pass over the (b, K, V) logits gives the entropy too
+            kl_tok, ent = kl_exact_entropy(f["logits"], f["ref_logits"])  # (b, K) x2
         else:
             kl_tok = kl_k3(f["lp"], f["ref_lp"])  # (b, K)
         terms["kl"] = masked_mean(kl_tok, f["mask"], rl.agg)
     with torch.no_grad():
-        stats["rollout/entropy"] = masked_mean(entropy_from_logits(f["logits"]), f["mask"], "token_mean")
+        ent = entropy_from_logits(f["logits"].detach()) if ent is None else ent  # (b, K)
+        stats["rollout/entropy"] = masked_mean(ent, f["mask"], "token_mean")
     return terms, stats
 
 

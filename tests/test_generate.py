@@ -245,7 +245,8 @@ def test_mixed_groups_decode_the_policy_and_its_reference_in_one_batch_as_each_a
         alone_ref = G.generate(peft, tok, prompts, G.GenConfig(n=1, max_new_tokens=10, min_new_tokens=10,
                                                               progress=False))
     calls = []
-    hook = peft.get_base_model().register_forward_pre_hook(lambda *a: calls.append(1))
+    # counted at the embedding: the model's forward and the written-out decode step (decode_step) both run it once
+    hook = peft.get_base_model().model.embed_tokens.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         mixed = G.generate(peft, tok, prompts + prompts, cfg, seeds=[5, 6, 0, 0],
                            groups=[G.Group(3, 1.0)] * 2 + [G.Group(1, 0.0, "__base__")] * 2)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from reasonlab.errors import UserError
+from reasonlab.eval import decode_step
 from reasonlab.eval.packed import packed
 
 Backend = Literal["auto", "own", "hf", "vllm"]
@@ -257,6 +258,7 @@ def _decode_chunk(model, tok, prompts: list[list[int]] | None, expand: int, cfg:
         logits = logits.repeat_interleave(expand, dim=0)  # (P*n, V)
     B = mask.shape[0]
     next_pos = pos[:, -1:] + 1  # (B, 1)
+    fast = decode_step.for_model(model, cache)  # None: the model's own forward (another cache or architecture)
     generated: list[list[int]] = [[] for _ in range(B)]
     finish = ["length"] * B
     active = torch.arange(B, device=device)  # row index of each live batch row into `generated`
@@ -281,8 +283,11 @@ def _decode_chunk(model, tok, prompts: list[list[int]] | None, expand: int, cfg:
             cache.batch_select_indices(keep)
             active, nxt, mask, next_pos = active[keep], nxt[keep], mask[keep], next_pos[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (b, T+step+1)
-        logits = lm_forward(model, cache=cache, input_ids=nxt[:, None], attention_mask=mask,
-                            position_ids=next_pos).logits[:, -1, :]  # (b, V)
+        if fast is not None:
+            logits = fast(nxt, cache, mask, next_pos)  # (b, V)
+        else:
+            logits = lm_forward(model, cache=cache, input_ids=nxt[:, None], attention_mask=mask,
+                                position_ids=next_pos).logits[:, -1, :]  # (b, V)
         next_pos = next_pos + 1
 
     return [finished_sample(tok, generated[row], finish[row], cfg.stop) for row in range(B)]
@@ -429,6 +434,9 @@ def _decode_stream(model, tok, prompts: list[list[int]], groups: list[Group], cf
     sub: list[int] = []  # sample index of each live row
     cache = mask = next_pos = logits = None
     prefix = _shared_prefix(model, prompts, device) if adapters is None or len(set(adapters)) == 1 else ([], 0)
+    # mixed adapters other than "the model's active one" and "__base__" go through PEFT's sub-batches
+    plain_mix = adapters is None or set(adapters) <= {model.active_adapter, "__base__"}
+    step = decode_step.for_model(model, new_cache(model), mixed=adapters is not None) if plain_mix else None
 
     while queue or owner:
         if queue and (rows_max - len(owner) >= refill or not owner):
@@ -475,9 +483,14 @@ def _decode_stream(model, tok, prompts: list[list[int]], groups: list[Group], cf
             cache.batch_select_indices(kt)
             mask, next_pos, nxt = _trim_left(cache, mask[kt]), next_pos[kt], nxt[kt]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (b, L + 1)
-        extra = {} if adapters is None else {"adapter_names": [adapters[i] for i in owner]}
-        logits = lm_forward(model, cache=cache, input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
-                            **extra).logits[:, -1, :]  # (b, V)
+        if step is not None:  # the written-out step: per-row adapter as a 0/1 row scale on the LoRA delta
+            rows = None if adapters is None else torch.tensor([float(adapters[i] != "__base__") for i in owner],
+                                                                device=device)  # (b,)
+            logits = step(nxt, cache, mask, next_pos, rows)  # (b, V)
+        else:
+            extra = {} if adapters is None else {"adapter_names": [adapters[i] for i in owner]}
+            logits = lm_forward(model, cache=cache, input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
+                                **extra).logits[:, -1, :]  # (b, V)
         next_pos = next_pos + 1
 
     return [[finished_sample(tok, generated[i][j], finish[i][j], cfg.stop) for j in range(ns[i])]

@@ -53,7 +53,7 @@ class Packer:
     """Packed copies of linear weights, reused while a weight is unchanged."""
 
     def __init__(self):
-        self.cache: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(weight) -> (key, packed)
+        self.cache: dict = {}  # id(weight) -> (key, packed); a tuple of ids -> (keys, stacked packed, bias)
         self.depth = 0  # open on() blocks
 
     def clear(self) -> None:
@@ -66,6 +66,19 @@ class Packer:
             hit = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), ROWS_HINT))
             self.cache[id(w)] = hit
         return hit[1]
+
+    def forward_stacked(self, ws: list[torch.Tensor], biases: list[torch.Tensor] | None,
+                        x: torch.Tensor) -> torch.Tensor:
+        """x @ cat(ws).T (+ cat(biases)) on one packed copy of the stacked weights (q/k/v, gate/up: linears that
+        read the same input), no grad: (..., in) -> (..., sum of outs). Kept while every weight is unchanged."""
+        key = tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in ws)
+        ids = tuple(id(w) for w in ws)
+        hit = self.cache.get(ids)
+        if hit is None or hit[0] != key:
+            hit = (key, torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in ws]), ROWS_HINT),
+                   None if biases is None else torch.cat([b.detach() for b in biases]))
+            self.cache[ids] = hit
+        return torch.ops.mkldnn._linear_pointwise(x, hit[1], hit[2], "none", [], "")
 
     def forward(self, m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != m.weight.dtype or x.device.type != "cpu" or (
@@ -86,8 +99,8 @@ class Packer:
                 self.depth -= 1
             return
         mods = [m for m in model.modules() if eligible(m)]
-        live = {id(m.weight) for m in mods}
-        for k in [k for k in self.cache if k not in live]:
+        live = {id(p) for p in model.parameters()}
+        for k in [k for k in self.cache if not all(i in live for i in (k if isinstance(k, tuple) else (k,)))]:
             del self.cache[k]
         for m in mods:
             m.forward = (lambda x, m=m: self.forward(m, x))  # an instance attribute: nn.Module.__call__ reads it

@@ -70,6 +70,7 @@ from reasonlab import training
 from reasonlab.config import BaseConfig, ConfigError, EvalConfig, F, TrainConfig
 from reasonlab.watch import WatchConfig, Watcher, group_reward_stats, record_train_ids, rollout_stats
 from reasonlab.eval.generate import Backend, GenConfig, Group, OwnSampler, generate, prompt_seeds, streams
+from reasonlab.eval.packed import packed
 from reasonlab.models.lm import LoraConfig, ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl import markovian as M
 from reasonlab.rl.policy import (entropy_from_logits, group_stats, kl_exact_entropy, kl_k3, masked_mean, pg_loss,
@@ -514,6 +515,11 @@ def main(cfg: Config, run: Run) -> dict:
         return slots, [train[idx[s]] for s in slots]
 
     def update(step: int, audit: bool) -> dict:
+        # frozen base linears on packed weights in every forward and backward of the step (reasonlab.eval.packed)
+        with packed(model):
+            return update_step(step, audit)
+
+    def update_step(step: int, audit: bool) -> dict:
         """One rollout batch -> one (pg, ei) or epochs x minibatches (ppo) optimizer steps. Returns metrics."""
         t0 = time.time()
         model.eval()

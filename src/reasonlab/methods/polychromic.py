@@ -72,10 +72,12 @@ from reasonlab import training
 from reasonlab.config import BaseConfig, ConfigError, EvalConfig, F, TrainConfig
 from reasonlab.watch import WatchConfig, Watcher, group_reward_stats, record_train_ids, rollout_stats
 from reasonlab.eval.generate import Backend
+from reasonlab.eval.packed import packed
 from reasonlab.models.lm import ModelConfig, count_parameters, is_available_offline, load_for_config, reference
 from reasonlab.rl import setlevel as S
 from reasonlab.rl.audit import audit_terms
-from reasonlab.rl.policy import group_standardize, kl_k3, masked_mean, pg_loss, shared_prompt_logprobs
+from reasonlab.rl.policy import (entropy_from_logits, group_standardize, kl_k3, masked_mean, pg_loss,
+                                 shared_prompt_logprobs)
 from reasonlab.runs import Run, batch_indices
 
 
@@ -423,10 +425,7 @@ def main(cfg: Config, run: Run) -> dict:
                 kl_tok = kl_k3(lp, ref_lp)  # (B, K)
                 terms["kl"] = (cfg.train.kl_coef, masked_mean(kl_tok, mask, cfg.train.agg))
         with torch.no_grad():
-            m = mask.bool()
-            logp_all = torch.log_softmax(logits[m].float(), dim=-1)  # (n_tokens, V)
-            ent_sum = float(-(logp_all.exp() * logp_all).sum(-1).sum()) if m.any() else 0.0
-            del logp_all
+            ent_sum = float((entropy_from_logits(logits.detach()) * mask).sum())  # chunked, no (n_tokens, V) copies
             n_tok = compute.sum(mask.sum())
             # the whole global rollout, as one process would see it
             g = lambda x: sum(compute.gather(x), [])  # noqa: E731
@@ -523,19 +522,21 @@ def main(cfg: Config, run: Run) -> dict:
         if run.should_stop(step):
             break
         t0, c0 = time.perf_counter(), time.process_time()
-        ro = rollout(step)
-        t_gen = time.perf_counter() - t0
-        terms, stats = loss_terms(step, ro)
-        metrics = dict(stats)
-        if cfg.watch.audit_every and step % cfg.watch.audit_every == 0:
-            audit_due = True
-        # (a decision every process takes alike: the stats are global)
-        if audit_due and ((with_reward and stats["adv/reward_abs_max"] > 0) or
-                          (with_set and stats["adv/set_abs_max"] > 0)):
-            metrics.update({k: compute.mean(v) for k, v in audit_terms(terms, params).metrics().items()})
-            audit_due = False
-        loss = sum(w * l for w, l in terms.values() if w != 0)
-        compute.backward(loss)
+        # frozen base linears on packed weights in the forwards and the backward (reasonlab.eval.packed)
+        with packed(model):
+            ro = rollout(step)
+            t_gen = time.perf_counter() - t0
+            terms, stats = loss_terms(step, ro)
+            metrics = dict(stats)
+            if cfg.watch.audit_every and step % cfg.watch.audit_every == 0:
+                audit_due = True
+            # (a decision every process takes alike: the stats are global)
+            if audit_due and ((with_reward and stats["adv/reward_abs_max"] > 0) or
+                              (with_set and stats["adv/set_abs_max"] > 0)):
+                metrics.update({k: compute.mean(v) for k, v in audit_terms(terms, params).metrics().items()})
+                audit_due = False
+            loss = sum(w * l for w, l in terms.values() if w != 0)
+            compute.backward(loss)
         gnorm = compute.clip_grad_norm(params, cfg.train.grad_clip)
         opt.step()
         sched.step()

@@ -103,8 +103,8 @@ class Packer:
         trains = grad and (w.requires_grad or (b is not None and b.requires_grad))
         if trains and not self.trained:
             return F.linear(x, w, b)  # a trained weight outside on(trained=True): autograd's own linear
-        if trains or (grad and x.requires_grad):  # packed forward and backward
-            return _PackedLinear.apply(x, w, b, self)
+        if trains or (grad and x.requires_grad):  # packed forward and backward, on (rows, in)
+            return _PackedLinear.apply(x.reshape(-1, x.shape[-1]), w, b, self).view(*x.shape[:-1], w.shape[0])
         return torch.ops.mkldnn._linear_pointwise(x, self.packed(w), b, "none", [], "")
 
     @contextlib.contextmanager
@@ -139,23 +139,24 @@ class Packer:
 class _PackedLinear(torch.autograd.Function):
     """y = x @ w.T + b on packed copies both ways: forward on packed(w) (the same op as the no-grad path, so a policy
     whose adapter is still zero gives exactly its reference's numbers), backward's grad_x = g @ w on packed_t(w);
-    grad_w = g.T @ x and grad_b = sum g where they take gradients (x is kept for the backward only then)."""
+    grad_w = g.T @ x and grad_b = sum g where they take gradients (x is kept for the backward only then). Works on
+    x (rows, in) -> (rows, out): the caller views the result back to x's leading shape, so the output is a fresh
+    tensor that an in-place residual add may write into (TRM's blocks do)."""
 
     @staticmethod
     def forward(ctx, x, w, b, packer):
         ctx.packer = packer
         ctx.save_for_backward(x if w.requires_grad else None, w)
-        return torch.ops.mkldnn._linear_pointwise(x, packer.packed(w), b, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, packer.packed(w), b, "none", [], "")  # (rows, out)
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         need_x, need_w, need_b, _ = ctx.needs_input_grad
-        g = g.contiguous()
-        g2 = g.reshape(-1, g.shape[-1])  # (rows, out)
+        g = g.contiguous()  # (rows, out)
         gx = torch.ops.mkldnn._linear_pointwise(g, ctx.packer.packed_t(w), None, "none", [], "") if need_x else None
-        gw = g2.t() @ x.reshape(-1, x.shape[-1]) if need_w else None  # (out, in)
-        gb = g2.sum(0) if need_b else None
+        gw = g.t() @ x if need_w else None  # (out, in)
+        gb = g.sum(0) if need_b else None
         return gx, gw, gb, None
 
 

@@ -1,6 +1,6 @@
-"""CPU linears on oneDNN-packed weights (reasonlab.eval.packed): equal to F.linear to rounding, used only without
-grad, repacked when a weight changes, routing undone after the block; generation with them equals generation
-without them."""
+"""CPU linears on oneDNN-packed weights (reasonlab.eval.packed): equal to F.linear to rounding, gradients equal to
+autograd's where they run under grad, repacked when a weight changes, routing undone after the block; generation with
+them equals generation without them."""
 
 import pytest
 import torch
@@ -59,6 +59,7 @@ def test_trained_weights_run_packed_under_trained_true_with_autograds_gradients(
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # trained: F.linear by default
     with packer.on(lin, trained=True):
         y = lin(x)
+        y += 1.0  # an in-place residual add into the output, as TRM's blocks do (autograd must allow it)
     (y * w).sum().backward()
     got = (x.grad.clone(), lin.weight.grad.clone(), lin.bias.grad.clone())
     x.grad = lin.weight.grad = lin.bias.grad = None

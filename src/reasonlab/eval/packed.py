@@ -140,8 +140,8 @@ class _PackedLinear(torch.autograd.Function):
     """y = x @ w.T + b on packed copies both ways: forward on packed(w) (the same op as the no-grad path, so a policy
     whose adapter is still zero gives exactly its reference's numbers), backward's grad_x = g @ w on packed_t(w);
     grad_w = g.T @ x and grad_b = sum g where they take gradients (x is kept for the backward only then). Works on
-    x (rows, in) -> (rows, out): the caller views the result back to x's leading shape, so the output is a fresh
-    tensor that an in-place residual add may write into (TRM's blocks do)."""
+    x (rows, in) -> (rows, out): the caller views the result back to x's leading shape outside the Function, and
+    autograd lets an in-place add write into that view (TRM's residuals do; into a Function's own view it may not)."""
 
     @staticmethod
     def forward(ctx, x, w, b, packer):

@@ -284,7 +284,27 @@ def verify_frozen(ckpt_a: Path = typer.Argument(..., help="checkpoint folder (ha
 
 
 def main() -> None:
-    app()
+    """The `reasonlab` command. A process that took part in a process group (`accelerate launch ... -m reasonlab.cli`)
+    leaves through dist.exit_now with the code the command chose, skipping interpreter teardown (why: its docstring)."""
+    def collective():  # reasonlab.dist, when it started a process group (not imported: it cannot have)
+        d = sys.modules.get("reasonlab.dist")
+        return d if d is not None and d.started() else None
+
+    try:
+        app()  # standalone mode: always ends in SystemExit with the command's code
+    except SystemExit as e:
+        if (d := collective()) is None:
+            raise
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        d.exit_now(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+    except BaseException:
+        if (d := collective()) is None:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        d.exit_now(1)
 
 
 if __name__ == "__main__":

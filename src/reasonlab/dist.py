@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -26,18 +27,47 @@ def init(cpu: bool | None = None) -> None:
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available() if cpu is None else cpu)
+        global _STARTED
+        _STARTED = True
         import atexit
 
         atexit.register(shutdown)  # a backstop: `reasonlab run` shuts down itself once the run folder is final
 
 
 def shutdown() -> None:
-    """Destroy the process group while the interpreter is fully alive. Left to interpreter teardown, gloo's worker
-    threads were destroyed still joinable and a finished run aborted at exit ("terminate called without an active
-    exception", exit -6, in CI once in a few 2-process runs; pytorch/pytorch#190489). No barrier: after a failure on
-    one rank the others must not wait for it. Idempotent."""
+    """Destroy the process group while the interpreter is fully alive (the command line then leaves through
+    exit_now, which is what keeps a finished run from aborting at exit). No barrier: after a failure on one rank the
+    others must not wait for it. Idempotent."""
     if td.is_available() and td.is_initialized():
         td.destroy_process_group()
+
+
+_STARTED = False  # this process started a process group (it may since have been destroyed)
+
+
+def started() -> bool:
+    return _STARTED
+
+
+def exit_now(code: int) -> None:
+    """End a process that ran collectives without interpreter teardown: the atexit handlers run (progress line, the
+    process-group backstop, logging), stdout and stderr are flushed, then os._exit. Why: gloo's worker thread drops
+    the last collective's tensors after the caller has moved on, and dropping a tensor that has a Python object takes
+    the GIL; when that happens after the interpreter began finalizing, CPython ends the thread with pthread_exit
+    inside a noexcept frame and the whole process aborts ("terminate called without an active exception", exit -6):
+    4 in 25 finished 2-process TRM runs on a 2-core machine, after everything was written, 0 in 50 with it (core: the
+    main thread in Py_FinalizeEx, a gloo runLoop thread in ~AsyncAllgatherWork -> take_gil -> pthread_exit).
+    shutdown() before it was not enough: the core dump shows gloo's threads still alive after destroy_process_group
+    (the group is still referenced, e.g. by DDP's reducer), and so they outlive it."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or a broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)
 
 
 def is_dist() -> bool:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import os
 import random
 import sys
+from typing import NoReturn
 
 import numpy as np
 import torch
 import torch.distributed as td
+
+_STARTED = False  # set by init() when it starts a process group
 
 
 def init(cpu: bool | None = None) -> None:
@@ -42,14 +45,12 @@ def shutdown() -> None:
         td.destroy_process_group()
 
 
-_STARTED = False  # this process started a process group (it may since have been destroyed)
-
-
 def started() -> bool:
+    """This process started a process group (it may since have been destroyed)."""
     return _STARTED
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End a process that ran collectives without interpreter teardown: the atexit handlers run (progress line, the
     process-group backstop, logging), stdout and stderr are flushed, then os._exit. Why: gloo's worker thread drops
     the last collective's tensors after the caller has moved on, and dropping a tensor that has a Python object takes
